@@ -1,0 +1,383 @@
+"""MiniGPT: the GPT-2 decoder (Radford et al., 2019) as a native `transformers` model.
+
+Reads top to bottom like the paper: attention -> MLP -> block -> model -> heads. Parameter names are
+GPT-2's own (`wte`, `wpe`, `h.N.attn.c_attn`, ...), but the projections are `nn.Linear` rather than
+GPT-2's transposed `Conv1D`, so a GPT-2 checkpoint maps one-to-one after a transpose.
+
+This file imports nothing from `hf_minigpt` but its configuration: `save_pretrained` copies both files
+next to the weights, and the folder then loads with `trust_remote_code=True` where `hf_minigpt` is absent.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_minigpt import MiniGPTConfig
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """softmax(q k^T * scaling + mask) v, written out; the reference the fused kernels must match."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, T, S)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask  # 0 where allowed, dtype-min where masked
+    attn_weights = F.softmax(attn_weights, dim=-1).to(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2)  # (B, T, nh, hs)
+    return attn_output, attn_weights
+
+
+class MiniGPTAttention(nn.Module):
+    """Masked multi-head self-attention with one fused q/k/v projection."""
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_embd = config.n_embd
+        self.head_dim = config.n_embd // config.n_head
+        self.is_causal = True  # lets SDPA use its causal kernel when there is no padding mask
+        self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= layer_idx + 1
+
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, _ = hidden_states.shape
+        head_shape = (batch_size, seq_len, -1, self.head_dim)
+        query, key, value = self.c_attn(hidden_states).split(self.n_embd, dim=2)
+        query = query.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+        key = key.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+        value = value.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, nh, S, hs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attn_pdrop if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, self.n_embd)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+
+
+class MiniGPTMLP(nn.Module):
+    """Position-wise feed-forward network: expand, non-linearity, project back."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner_dim)
+        self.act = ACT2FN[config.activation_function]
+        self.c_proj = nn.Linear(inner_dim, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class MiniGPTBlock(GradientCheckpointingLayer):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: MiniGPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = MiniGPTAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MiniGPTMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
+        hidden_states = hidden_states + attn_output
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class MiniGPTPreTrainedModel(PreTrainedModel):
+    config: MiniGPTConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MiniGPTBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {
+        "hidden_states": MiniGPTBlock,
+        "attentions": OutputRecorder(MiniGPTAttention, index=1),
+    }
+    # GPT-2 checkpoints from older transformers versions store the causal mask as a buffer; we build masks instead.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # N(0, initializer_range) weights, zero biases, unit LayerNorms
+        # GPT-2: every block adds two residual branches, so the variance of the residual stream grows with
+        # depth; scaling the projections that write into it by 1/sqrt(2 * n_layer) keeps it constant.
+        if isinstance(module, (MiniGPTAttention, MiniGPTMLP)):
+            std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # Name every head in `auto_map`, not only this one: a checkpoint loaded as remote code can then be
+        # re-headed, e.g. a pre-trained language model fine-tuned as a classifier, without hf_minigpt installed.
+        if self._auto_class is not None:
+            self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **getattr(self.config, "auto_map", {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MiniGPTModel(MiniGPTPreTrainedModel):
+    """The decoder trunk: token + position embeddings, `n_layer` blocks, a final LayerNorm."""
+
+    _input_embed_layer = "wte"
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([MiniGPTBlock(config, layer_idx=i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)  # (B, T, C)
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
+            position_ids = position_ids.unsqueeze(0)  # (1, T)
+
+        # One mask for all layers, built by transformers for the active attention backend: None where SDPA's
+        # causal kernel suffices, additive for eager, a BlockMask for flex. Restarting `position_ids` marks
+        # packed documents, which then do not attend to each other.
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        for block in self.h:
+            hidden_states = block(hidden_states, causal_mask, past_key_values, position_ids=position_ids, **kwargs)
+        hidden_states = self.ln_f(hidden_states)
+
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
+        """Turn the mistakes users make into messages, instead of an index error deep inside torch."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.n_embd):
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, seq_len, {self.config.n_embd}), "
+                f"got {tuple(inputs_embeds.shape)}."
+            )
+        if input_ids is not None and input_ids.ndim != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+        batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if attention_mask is not None and attention_mask.ndim == 2:
+            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < past_length + seq_len:
+                raise ValueError(
+                    f"`attention_mask` has shape {tuple(attention_mask.shape)}, but the batch holds {batch_size} "
+                    f"sequences of {past_length + seq_len} tokens (cached + new): expected "
+                    f"({batch_size}, {past_length + seq_len})."
+                )
+        # The checks below read tensor values: skip them under torch.compile, where they would break the graph.
+        if torch.compiler.is_compiling():
+            return
+        if position_ids is None and past_length + seq_len > self.config.n_positions:
+            raise ValueError(
+                f"Sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
+                f"n_positions={self.config.n_positions}, the longest sequence this model has position embeddings for."
+            )
+        if position_ids is not None and position_ids.numel() and not 0 <= position_ids.min() <= position_ids.max() < self.config.n_positions:
+            raise ValueError(
+                f"`position_ids` must lie in [0, {self.config.n_positions}), got values in "
+                f"[{position_ids.min().item()}, {position_ids.max().item()}]."
+            )
+        if input_ids is not None and input_ids.numel() and not 0 <= input_ids.min() <= input_ids.max() < self.config.vocab_size:
+            raise ValueError(
+                f"Token ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                f"[{input_ids.min().item()}, {input_ids.max().item()}]. Does the tokenizer match the model?"
+            )
+
+
+class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
+    """MiniGPT with a language-modelling head whose weight is the token embedding (tied, as in GPT-2)."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__(config)
+        self.transformer = MiniGPTModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        labels: token ids to predict, aligned with `input_ids` (the shift happens inside); -100 is ignored.
+        logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 keeps all); generation
+            needs just the last one, which saves a (B, T, vocab) matmul per step.
+        """
+        outputs = self.transformer(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (B, T, vocab)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+# The task heads reuse transformers' generic forward passes (GPT-2's semantics: sequence classification pools
+# the last non-pad token, so left and right padding both work). Each builds its trunk directly rather than
+# through `AutoModel`, which has no entry for "minigpt" when the checkpoint is loaded as remote code.
+class MiniGPTForSequenceClassification(GenericForSequenceClassification, MiniGPTPreTrainedModel):
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: MiniGPTConfig):
+        MiniGPTPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.transformer = MiniGPTModel(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+
+class MiniGPTForTokenClassification(GenericForTokenClassification, MiniGPTPreTrainedModel):
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: MiniGPTConfig):
+        MiniGPTPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.transformer = MiniGPTModel(config)
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(config.resid_pdrop if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.n_embd, config.num_labels)
+        self.post_init()
+
+
+class MiniGPTForQuestionAnswering(GenericForQuestionAnswering, MiniGPTPreTrainedModel):
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: MiniGPTConfig):
+        MiniGPTPreTrainedModel.__init__(self, config)
+        self.transformer = MiniGPTModel(config)
+        self.qa_outputs = nn.Linear(config.n_embd, 2)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value):
+        self.transformer.wte = value
+
+
+REMOTE_CODE_AUTO_MAP = {
+    "AutoConfig": "configuration_minigpt.MiniGPTConfig",
+    "AutoModel": "modeling_minigpt.MiniGPTModel",
+    "AutoModelForCausalLM": "modeling_minigpt.MiniGPTForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_minigpt.MiniGPTForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_minigpt.MiniGPTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_minigpt.MiniGPTForQuestionAnswering",
+}
+
+__all__ = [
+    "MiniGPTPreTrainedModel",
+    "MiniGPTModel",
+    "MiniGPTForCausalLM",
+    "MiniGPTForSequenceClassification",
+    "MiniGPTForTokenClassification",
+    "MiniGPTForQuestionAnswering",
+]
