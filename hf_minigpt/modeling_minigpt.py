@@ -61,6 +61,7 @@ class MiniGPTAttention(nn.Module):
 
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.writes_to_residual = True  # scaled init, see MiniGPTPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(
@@ -106,6 +107,7 @@ class MiniGPTMLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, inner_dim)
         self.act = ACT2FN[config.activation_function]
         self.c_proj = nn.Linear(inner_dim, config.n_embd)
+        self.c_proj.writes_to_residual = True
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -157,9 +159,10 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)  # N(0, initializer_range) weights, zero biases, unit LayerNorms
         # GPT-2: every block adds two residual branches, so the variance of the residual stream grows with
         # depth; scaling the projections that write into it by 1/sqrt(2 * n_layer) keeps it constant.
-        if isinstance(module, (MiniGPTAttention, MiniGPTMLP)):
+        # (Flagged on the nn.Linear itself: transformers skips init hooks on modules without own parameters.)
+        if getattr(module, "writes_to_residual", False):
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
-            init.normal_(module.c_proj.weight, mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Name every head in `auto_map`, not only this one: a checkpoint loaded as remote code can then be

@@ -1,0 +1,269 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    DynamicCache,
+)
+
+from hf_minigpt import (
+    MiniGPTForCausalLM,
+    MiniGPTForQuestionAnswering,
+    MiniGPTForSequenceClassification,
+    MiniGPTForTokenClassification,
+    MiniGPTModel,
+)
+
+from conftest import tiny_config
+
+AUTO_HEADS = [
+    (AutoModel, MiniGPTModel, "last_hidden_state"),
+    (AutoModelForCausalLM, MiniGPTForCausalLM, "logits"),
+    (AutoModelForSequenceClassification, MiniGPTForSequenceClassification, "logits"),
+    (AutoModelForTokenClassification, MiniGPTForTokenClassification, "logits"),
+    (AutoModelForQuestionAnswering, MiniGPTForQuestionAnswering, "start_logits"),
+]
+
+
+def ids(*rows):
+    return torch.tensor(rows)
+
+
+def test_parameter_names_are_gpt2s(model):
+    names = set(model.state_dict())
+    for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.1.ln_2.bias",
+                 "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.ln_f.weight",
+                 "lm_head.weight"]:
+        assert name in names
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (3 * 32, 32)  # nn.Linear: (out, in)
+
+
+def test_lm_head_is_tied_to_token_embedding(model):
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_residual_projections_get_gpt2_scaled_init():
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(tiny_config(n_embd=256, n_head=4, n_layer=8))
+    c_proj_std = torch.cat([block.attn.c_proj.weight.flatten() for block in model.transformer.h]).std().item()
+    c_attn_std = torch.cat([block.attn.c_attn.weight.flatten() for block in model.transformer.h]).std().item()
+    assert c_attn_std == pytest.approx(0.02, rel=0.02)
+    assert c_proj_std == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.02)
+
+
+def test_causal_lm_loss_is_next_token_cross_entropy(model):
+    input_ids = ids([3, 4, 5, 6, 7])
+    out = model(input_ids, labels=input_ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], input_ids[0, 1:])
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("auto_class, model_class, output_name", AUTO_HEADS)
+def test_save_and_load_through_auto_class(tmp_path, auto_class, model_class, output_name):
+    torch.manual_seed(0)
+    model = model_class(tiny_config(num_labels=3)).eval()
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), type(model.config))
+    loaded = auto_class.from_pretrained(tmp_path).eval()
+    assert type(loaded) is model_class
+    input_ids = ids([3, 4, 5, 6], [7, 8, 9, 10])
+    torch.testing.assert_close(getattr(loaded(input_ids), output_name), getattr(model(input_ids), output_name))
+
+
+def test_saved_folder_carries_code_and_auto_map(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_minigpt.MiniGPTForCausalLM"
+    assert auto_map["AutoModelForSequenceClassification"] == "modeling_minigpt.MiniGPTForSequenceClassification"
+    assert (tmp_path / "modeling_minigpt.py").exists() and (tmp_path / "configuration_minigpt.py").exists()
+
+
+def test_trust_remote_code_loads_without_hf_minigpt(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    input_ids = ids([3, 4, 5, 6])
+    expected = model(input_ids).logits
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    script = textwrap.dedent(f"""
+        import sys, importlib.abc
+        class BlockHfMinigpt(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "hf_minigpt":
+                    raise ImportError("hf_minigpt is blocked in this test")
+        sys.meta_path.insert(0, BlockHfMinigpt())
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert "hf_minigpt" not in sys.modules and "transformers_modules" in type(model).__module__
+        torch.save(model(torch.load({str(tmp_path / "input_ids.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+        classifier = AutoModelForSequenceClassification.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        print(type(classifier).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "MiniGPTForSequenceClassification"
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_eager_and_sdpa_agree(model, padded):
+    input_ids = ids([3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14])
+    attention_mask = ids([1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1] if padded else [1, 1, 1, 1, 1, 1])
+    model.set_attn_implementation("sdpa")
+    sdpa = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    model.set_attn_implementation("eager")
+    eager = model(input_ids, attention_mask=attention_mask, output_hidden_states=True, output_attentions=True)
+    real = attention_mask.bool()  # padded positions attend to nothing and hold no meaningful output
+    torch.testing.assert_close(sdpa.logits[real], eager.logits[real], atol=1e-5, rtol=1e-5)
+    assert len(eager.hidden_states) == 3 and len(eager.attentions) == 2
+    assert eager.attentions[0].shape == (2, 4, 6, 6)
+    # Causal: no weight above the diagonal; padding: no weight on padded keys.
+    assert eager.attentions[0][0, :, 0, 1:].abs().max() == 0
+    if padded:
+        assert eager.attentions[0][1, :, 2:, :2].abs().max() == 0
+
+
+@torch.no_grad()  # flex attention has no backward on CPU
+def test_flex_attention_agrees_with_sdpa(model):
+    input_ids = ids([3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14])
+    attention_mask = ids([1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1])
+    expected = model(input_ids, attention_mask=attention_mask).logits
+    model.set_attn_implementation("flex_attention")
+    flex = model(input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(flex[attention_mask.bool()], expected[attention_mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_decoding_with_cache_equals_full_forward(model):
+    input_ids = ids([3, 4, 5, 6, 7, 8, 9, 10])
+    full = model(input_ids).logits
+    cache = DynamicCache(config=model.config)
+    steps = [model(input_ids[:, :5], past_key_values=cache, use_cache=True).logits]
+    for t in range(5, 8):
+        steps.append(model(input_ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.get_seq_length() == 8
+
+
+def test_left_padding_with_position_ids_equals_unpadded(model):
+    alone = model(ids([5, 6, 7])).logits[0, -1]
+    attention_mask = ids([0, 0, 1, 1, 1])
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    padded = model(ids([1, 1, 5, 6, 7]), attention_mask=attention_mask, position_ids=position_ids).logits[0, -1]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(config):
+    input_ids = ids([3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14])
+
+    def gradients(checkpointing):
+        torch.manual_seed(0)
+        model = MiniGPTForCausalLM(config).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids, labels=input_ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_return_dict_false_gives_tuples(model):
+    input_ids = ids([3, 4, 5])
+    loss, logits = model(input_ids, labels=input_ids, return_dict=False, use_cache=False)[:2]
+    torch.testing.assert_close(logits, model(input_ids).logits)
+    assert loss.ndim == 0
+
+
+class TestSequenceClassification:
+    def test_pools_the_last_non_pad_token_with_right_or_left_padding(self):
+        torch.manual_seed(0)
+        model = MiniGPTForSequenceClassification(tiny_config(num_labels=3)).eval()
+        alone = model(ids([5, 6, 7])).logits[0]
+        right = model(ids([5, 6, 7, 1, 1]), attention_mask=ids([1, 1, 1, 0, 0])).logits[0]
+        torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+        mask = ids([0, 0, 1, 1, 1])
+        left = model(ids([1, 1, 5, 6, 7]), attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        torch.testing.assert_close(left.logits[0], alone, atol=1e-5, rtol=1e-5)
+        # The pooled logits are the score head applied to the last real token's hidden state.
+        hidden = model.transformer(ids([5, 6, 7])).last_hidden_state[0, -1]
+        torch.testing.assert_close(alone, model.score(hidden))
+
+    def test_problem_types_pick_the_loss(self):
+        input_ids = ids([5, 6, 7], [8, 9, 10])
+        torch.manual_seed(0)
+        single = MiniGPTForSequenceClassification(tiny_config(num_labels=3)).eval()
+        out = single(input_ids, labels=ids(2, 0))
+        assert single.config.problem_type == "single_label_classification"
+        torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, ids(2, 0)))
+
+        multi = MiniGPTForSequenceClassification(tiny_config(num_labels=3)).eval()
+        targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+        out = multi(input_ids, labels=targets)
+        assert multi.config.problem_type == "multi_label_classification"
+        torch.testing.assert_close(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits, targets))
+
+        regression = MiniGPTForSequenceClassification(tiny_config(num_labels=1)).eval()
+        targets = torch.tensor([0.5, -1.5])
+        out = regression(input_ids, labels=targets)
+        assert regression.config.problem_type == "regression"
+        torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), targets))
+
+
+def test_token_classification_and_question_answering_shapes():
+    torch.manual_seed(0)
+    input_ids = ids([5, 6, 7, 8])
+    tagger = MiniGPTForTokenClassification(tiny_config(num_labels=5)).eval()
+    out = tagger(input_ids, labels=ids([0, 1, 2, 3]))
+    assert out.logits.shape == (1, 4, 5)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits[0], ids(0, 1, 2, 3)))
+    reader = MiniGPTForQuestionAnswering(tiny_config()).eval()
+    out = reader(input_ids, start_positions=ids(1), end_positions=ids(2))
+    assert out.start_logits.shape == out.end_logits.shape == (1, 4)
+    assert out.loss > 0
+
+
+class TestBadInput:
+    def test_token_id_outside_vocabulary(self, model):
+        with pytest.raises(ValueError, match=r"Token ids must lie in \[0, vocab_size=21\), got values in \[3, 21\]"):
+            model(ids([3, 21]))
+        with pytest.raises(ValueError, match="Token ids must lie"):
+            model(ids([-1, 3]))
+
+    def test_sequence_longer_than_n_positions(self, model):
+        with pytest.raises(ValueError, match="Sequence length 33 .* exceeds n_positions=32"):
+            model(torch.full((1, 33), 3))
+
+    def test_cache_plus_new_tokens_longer_than_n_positions(self, model):
+        cache = DynamicCache(config=model.config)
+        model(torch.full((1, 30), 3), past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"Sequence length 33 \(cached 30 \+ new 3\)"):
+            model(torch.full((1, 3), 3), past_key_values=cache, use_cache=True)
+
+    def test_attention_mask_of_the_wrong_shape(self, model):
+        with pytest.raises(ValueError, match=r"`attention_mask` has shape \(1, 3\).* expected \(2, 4\)"):
+            model(ids([3, 4, 5, 6], [3, 4, 5, 6]), attention_mask=ids([1, 1, 1]))
+
+    def test_both_or_neither_of_input_ids_and_inputs_embeds(self, model):
+        with pytest.raises(ValueError, match="exactly one of `input_ids` or `inputs_embeds`"):
+            model()
+        with pytest.raises(ValueError, match="exactly one of `input_ids` or `inputs_embeds`"):
+            model(ids([3]), inputs_embeds=torch.zeros(1, 1, 32))
+
+    def test_inputs_embeds_of_the_wrong_width(self, model):
+        with pytest.raises(ValueError, match=r"`inputs_embeds` must have shape \(batch, seq_len, 32\)"):
+            model(inputs_embeds=torch.zeros(1, 3, 16))
+
+    def test_position_ids_outside_the_table(self, model):
+        with pytest.raises(ValueError, match=r"`position_ids` must lie in \[0, 32\)"):
+            model(ids([3, 4]), position_ids=ids([31, 32]))

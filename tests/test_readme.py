@@ -1,0 +1,17 @@
+"""The README's Python blocks run as written (in order, in one namespace, in a scratch folder)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README.md has no python blocks"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(README), "exec"), namespace)
+    assert type(namespace["model"]).__name__ == "MiniGPTForCausalLM"
+    assert namespace["logits"].shape == (1, 3)
