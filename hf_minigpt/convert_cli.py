@@ -1,0 +1,29 @@
+"""`minigpt-convert SRC DST [--to minigpt|gpt2]`: convert GPT-2, MiniGPT and nanoGPT checkpoints."""
+
+import argparse
+import logging
+import sys
+
+from .convert import CheckpointError, convert
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="minigpt-convert",
+        description="Convert a checkpoint, detecting its format: a GPT-2 Hugging Face folder -> MiniGPT, a MiniGPT "
+        "folder -> GPT-2 (for GPT2LMHeadModel and GPT-2 tools), a nanoGPT ckpt.pt -> MiniGPT.",
+    )
+    parser.add_argument("source", help="checkpoint folder, or a nanoGPT ckpt.pt file")
+    parser.add_argument("destination", help="new folder to write (must not exist or be empty)")
+    parser.add_argument("--to", choices=["minigpt", "gpt2"], help="target format (default: the other one)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        written = convert(args.source, args.destination, to=args.to)
+    except (CheckpointError, FileExistsError, FileNotFoundError) as error:
+        parser.exit(2, f"minigpt-convert: error: {error}\n")
+    print(f"wrote {written}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

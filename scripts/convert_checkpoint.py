@@ -1,0 +1,9 @@
+"""Convert GPT-2 / MiniGPT / nanoGPT checkpoints; same as the `minigpt-convert` console script.
+
+    python scripts/convert_checkpoint.py SRC DST [--to minigpt|gpt2]
+"""
+
+from hf_minigpt.convert_cli import main
+
+if __name__ == "__main__":
+    main()
