@@ -52,6 +52,7 @@ ARCHITECTURES = {  # GPT-2 class -> the MiniGPT class with the same head
     "GPT2ForTokenClassification": MiniGPTForTokenClassification,
     "GPT2ForQuestionAnswering": MiniGPTForQuestionAnswering,
 }
+HEAD_PREFIXES = ("lm_head.", "score.", "qa_outputs.")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "encoder.json", "vocab.bpe",
@@ -122,14 +123,12 @@ def gpt2_config_from_minigpt(config: MiniGPTConfig) -> GPT2Config:
 def gpt2_to_minigpt_state_dict(state_dict: dict) -> dict:
     converted = {}
     for name, tensor in state_dict.items():
-        if GPT2_MASK_BUFFER.search(name):
+        if GPT2_MASK_BUFFER.search(name) or name.startswith("multiple_choice_head."):
             continue
-        if not name.startswith(("transformer.", "lm_head.", "score.", "classifier.", "qa_outputs.",
-                                "multiple_choice_head.")):
-            name = f"transformer.{name}"  # the original `gpt2` checkpoint was saved from the bare GPT2Model
-        if name.startswith("multiple_choice_head."):
-            continue
-        name = name.replace("classifier.", "score.", 1) if name.startswith("classifier.") else name
+        if name.startswith("classifier."):  # GPT2ForTokenClassification's head is MiniGPT's `score`
+            name = "score." + name.removeprefix("classifier.")
+        elif not name.startswith(("transformer.", *HEAD_PREFIXES)):
+            name = f"transformer.{name}"  # the original `gpt2` upload was saved from the bare GPT2Model
         converted[name] = tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
     return converted
 
@@ -198,10 +197,12 @@ def convert_gpt2_to_minigpt(source, destination, model_class=None) -> Path:
     model_class = model_class or ARCHITECTURES.get(architecture, MiniGPTForCausalLM)
     config = minigpt_config_from_gpt2(gpt2_config)
     state_dict = gpt2_to_minigpt_state_dict(load_state_dict(source))
-    if model_class is not MiniGPTModel and not any(name.startswith(("lm_head.", "score.", "qa_outputs."))
-                                                   for name in state_dict):
-        # A bare trunk (like the original `gpt2` upload): its LM head is the tied embedding; other heads start fresh.
-        model_class = MiniGPTForCausalLM if model_class is MiniGPTForCausalLM else MiniGPTModel
+    if model_class not in (MiniGPTModel, MiniGPTForCausalLM) and not any(
+        name.startswith(HEAD_PREFIXES) for name in state_dict
+    ):
+        # Trunk weights only: write the trunk, and the requested head starts fresh when the folder is loaded.
+        # (A causal LM needs no head tensor: its head is the tied token embedding, as in the `gpt2` upload.)
+        model_class = MiniGPTModel
     if model_class is MiniGPTModel:
         state_dict = {name.removeprefix("transformer."): tensor for name, tensor in state_dict.items()}
     model = load_into(model_class(config), state_dict, source)

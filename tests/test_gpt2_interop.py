@@ -289,3 +289,11 @@ def test_real_gpt2_weights_match_when_present():
         torch.testing.assert_close(minigpt(input_ids).logits, gpt2(input_ids).logits, atol=1e-4, rtol=0)
         kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=50256)
         torch.testing.assert_close(minigpt.generate(input_ids, **kwargs), gpt2.generate(input_ids, **kwargs))
+
+
+def test_gpt2_language_model_loads_as_a_classifier_with_a_fresh_head(gpt2_pair):
+    gpt2, _, folder = gpt2_pair
+    classifier = MiniGPTForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
+    trunk = gpt2.transformer(INPUTS).last_hidden_state
+    torch.testing.assert_close(classifier.transformer(INPUTS).last_hidden_state, trunk, atol=ATOL, rtol=0)
+    assert classifier(INPUTS[:1]).logits.shape == (1, 2)
