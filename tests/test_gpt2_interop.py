@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import DynamicCache, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import AutoTokenizer, DynamicCache, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from hf_minigpt.convert import CheckpointError, convert, gpt2_tokenizer
@@ -114,6 +114,15 @@ def test_sequence_classification_matches_gpt2(tmp_path, padding_side):
     theirs = gpt2(input_ids, attention_mask=(input_ids != 0).long(), labels=labels)
     torch.testing.assert_close(ours.logits, theirs.logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(ours.loss, theirs.loss, atol=ATOL, rtol=0)
+
+
+def test_conversion_carries_the_tokenizer_files(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    GPT2LMHeadModel(gpt2_config(n_layer=1, n_head=4)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    convert(tmp_path / "gpt2", tmp_path / "minigpt")
+    carried = AutoTokenizer.from_pretrained(tmp_path / "minigpt")
+    assert carried("the cat sat").input_ids == tokenizer("the cat sat").input_ids
 
 
 def test_round_trip_minigpt_gpt2_minigpt_is_bit_identical(gpt2_pair, tmp_path):
