@@ -10,7 +10,6 @@ end, so a failure never leaves a half-written checkpoint behind.
 
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
@@ -53,6 +52,8 @@ ARCHITECTURES = {  # GPT-2 class -> the MiniGPT class with the same head
     "GPT2ForQuestionAnswering": MiniGPTForQuestionAnswering,
 }
 HEAD_PREFIXES = ("lm_head.", "score.", "qa_outputs.")
+# What torch.load / safetensors raise on a file that is truncated, corrupt, or holds more than tensors.
+UNREADABLE = (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "added_tokens.json", "encoder.json", "vocab.bpe",
@@ -68,12 +69,6 @@ def read_config(folder) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{folder} holds no config.json: is it a Hugging Face checkpoint folder?")
     return json.loads(path.read_text())
-
-
-def is_gpt2_checkpoint(folder) -> bool:
-    return os.path.isdir(folder) and (Path(folder) / "config.json").is_file() and read_config(folder).get(
-        "model_type"
-    ) == "gpt2"
 
 
 def load_state_dict(folder) -> dict[str, torch.Tensor]:
@@ -101,7 +96,7 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+    except UNREADABLE as error:
         raise CheckpointError(
             f"Cannot read {path}: the file is truncated or corrupt, or holds pickled objects beyond tensors, "
             f"which are refused ({error})."
@@ -190,11 +185,11 @@ def copy_tokenizer_files(source, destination):
             shutil.copy2(Path(source) / name, Path(destination) / name)
 
 
-def convert_gpt2_to_minigpt(source, destination, model_class=None) -> Path:
+def convert_gpt2_to_minigpt(source, destination) -> Path:
     """A GPT-2 checkpoint folder (any GPT2* head) -> a MiniGPT folder (weights, config with auto_map, code)."""
     gpt2_config = read_config(source)
     architecture = (gpt2_config.get("architectures") or ["GPT2LMHeadModel"])[0]
-    model_class = model_class or ARCHITECTURES.get(architecture, MiniGPTForCausalLM)
+    model_class = ARCHITECTURES.get(architecture, MiniGPTForCausalLM)
     config = minigpt_config_from_gpt2(gpt2_config)
     state_dict = gpt2_to_minigpt_state_dict(load_state_dict(source))
     if model_class not in (MiniGPTModel, MiniGPTForCausalLM) and not any(
@@ -231,7 +226,7 @@ def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
     """A nanoGPT `ckpt.pt` (its `model_args` and `model`) -> a MiniGPT causal-LM folder."""
     try:
         checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+    except UNREADABLE as error:
         raise CheckpointError(f"Cannot read {checkpoint_path} as a nanoGPT checkpoint ({error}).") from error
     if not isinstance(checkpoint, dict) or not {"model_args", "model"} <= checkpoint.keys():
         raise CheckpointError(f"{checkpoint_path} is not a nanoGPT checkpoint: it needs 'model_args' and 'model'.")

@@ -190,6 +190,11 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+def outside_range(indices: torch.Tensor | None, size: int) -> bool:
+    """Whether any index would fall outside an embedding table of `size` rows."""
+    return indices is not None and indices.numel() > 0 and not (indices.min() >= 0 and indices.max() < size)
+
+
 class MiniGPTModel(MiniGPTPreTrainedModel):
     """The decoder trunk: token + position embeddings, `n_layer` blocks, a final LayerNorm."""
 
@@ -286,11 +291,6 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
                 f"Token ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
                 f"[{input_ids.min().item()}, {input_ids.max().item()}]. Does the tokenizer match the model?"
             )
-
-
-def outside_range(indices: torch.Tensor | None, size: int) -> bool:
-    """Whether any index would fall outside an embedding table of `size` rows."""
-    return indices is not None and indices.numel() > 0 and not (indices.min() >= 0 and indices.max() < size)
 
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
