@@ -122,6 +122,8 @@ def config_for(shape) -> MiniGPTConfig:
 def loss_of(model, input_ids):
     if isinstance(model, NanoGPT):
         return model(input_ids, labels=input_ids)
+    if isinstance(model, MiniGPTForCausalLM):  # its memory-saving training path, as the training scripts use it
+        return model(input_ids, labels=input_ids, skip_logits=True).loss
     return model(input_ids, labels=input_ids).loss
 
 

@@ -2,6 +2,13 @@
 
 from transformers import PretrainedConfig
 
+# GPT-2 config fields with no MiniGPT meaning: the double-heads summary, a mixed-precision attention tweak, ...
+GPT2_ONLY_FIELDS = {
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "reorder_and_upcast_attn", "add_cross_attention", "n_ctx", "model_type", "architectures", "auto_map",
+    "transformers_version",
+}
+
 
 class MiniGPTConfig(PretrainedConfig):
     r"""
@@ -59,6 +66,21 @@ class MiniGPTConfig(PretrainedConfig):
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        # A GPT-2 config.json (a folder or a hub id) reads as a MiniGPT one: same fields, some of them unused.
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type") == "gpt2":
+            config_dict = cls.dict_from_gpt2(config_dict)
+        return config_dict, kwargs
+
+    @classmethod
+    def dict_from_gpt2(cls, gpt2_config: dict) -> dict:
+        if gpt2_config.get("add_cross_attention"):
+            raise ValueError("This GPT-2 checkpoint has cross-attention layers; MiniGPT is a decoder-only model.")
+        fields = {key: value for key, value in gpt2_config.items() if key not in GPT2_ONLY_FIELDS}
+        return {**fields, "model_type": cls.model_type}
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._check_sizes()
@@ -82,4 +104,4 @@ class MiniGPTConfig(PretrainedConfig):
             raise ValueError(f"MiniGPTConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}.")
 
 
-__all__ = ["MiniGPTConfig"]
+__all__ = ["MiniGPTConfig", "GPT2_ONLY_FIELDS"]

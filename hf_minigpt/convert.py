@@ -21,8 +21,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Transpose, WeightConverter, WeightRenaming
 
-from .configuration_minigpt import MiniGPTConfig
+from .configuration_minigpt import GPT2_ONLY_FIELDS, MiniGPTConfig
 from .modeling_minigpt import (
     MiniGPTForCausalLM,
     MiniGPTForQuestionAnswering,
@@ -33,16 +35,11 @@ from .modeling_minigpt import (
 
 logger = logging.getLogger(__name__)
 
-# GPT-2's Conv1D weights, stored (in, out); nn.Linear wants (out, in).
-CONV1D_WEIGHT = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# GPT-2's Conv1D layers store their weights (in, out); nn.Linear wants (out, in).
+CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+CONV1D_WEIGHT = re.compile(rf"({'|'.join(re.escape(layer) for layer in CONV1D_LAYERS)})\.weight$")
 # Buffers that older GPT-2 checkpoints carry (the causal mask); MiniGPT builds masks instead.
 GPT2_MASK_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
-# GPT-2 config fields with no MiniGPT meaning: the double-heads summary, mixed-precision attention tweak, ...
-GPT2_ONLY_FIELDS = {
-    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
-    "reorder_and_upcast_attn", "add_cross_attention", "n_ctx", "model_type", "architectures", "auto_map",
-    "transformers_version",
-}
 ARCHITECTURES = {  # GPT-2 class -> the MiniGPT class with the same head
     "GPT2Model": MiniGPTModel,
     "GPT2LMHeadModel": MiniGPTForCausalLM,
@@ -104,10 +101,10 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def minigpt_config_from_gpt2(gpt2_config: dict) -> MiniGPTConfig:
-    if gpt2_config.get("add_cross_attention"):
-        raise CheckpointError("This GPT-2 checkpoint has cross-attention layers; MiniGPT is a decoder-only model.")
-    fields = {key: value for key, value in gpt2_config.items() if key not in GPT2_ONLY_FIELDS}
-    return MiniGPTConfig.from_dict(fields)
+    try:
+        return MiniGPTConfig.from_dict(MiniGPTConfig.dict_from_gpt2(gpt2_config))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def gpt2_config_from_minigpt(config: MiniGPTConfig) -> GPT2Config:
@@ -276,11 +273,20 @@ def convert(source, destination, to: str | None = None) -> Path:
     raise CheckpointError(f"Cannot convert a '{model_type}' checkpoint in {source} to {to or 'the other format'}.")
 
 
-def from_gpt2_pretrained(model_class, folder, *model_args, **kwargs):
-    """`MiniGPT*.from_pretrained` on a GPT-2 folder: convert into a scratch folder, then load as usual."""
-    with tempfile.TemporaryDirectory() as scratch:
-        convert_gpt2_to_minigpt(folder, Path(scratch) / "minigpt")
-        return model_class.from_pretrained(Path(scratch) / "minigpt", *model_args, **kwargs)
+@contextmanager
+def gpt2_weight_conversions(model_class):
+    """While `model_class.from_pretrained` loads a GPT-2 checkpoint: transformers' loader transposes the Conv1D
+    weights into nn.Linear's layout (before any shape check, so a square one is never loaded as it is) and renames
+    GPT2ForTokenClassification's head. Registered for this load only: MiniGPT checkpoints need no conversion."""
+    conversions = [
+        WeightConverter(f"{layer}.weight", f"{layer}.weight", operations=[Transpose()]) for layer in CONV1D_LAYERS
+    ]
+    conversions.append(WeightRenaming(r"^classifier\.", "score."))
+    register_checkpoint_conversion_mapping(model_class.__name__, conversions, overwrite=True)
+    try:
+        yield
+    finally:
+        register_checkpoint_conversion_mapping(model_class.__name__, [], overwrite=True)
 
 
 def gpt2_tokenizer(folder=None) -> GPT2TokenizerFast:

@@ -8,15 +8,13 @@ This file imports nothing from `hf_minigpt` but its configuration: `save_pretrai
 next to the weights, and the folder then loads with `trust_remote_code=True` where `hf_minigpt` is absent.
 """
 
-import json
 import math
-import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -30,10 +28,17 @@ from transformers.modeling_layers import (
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_minigpt import MiniGPTConfig
+
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, as a forward argument and as an output
+# field. MiniGPT takes `cache` (the old name still works, deprecated, as in transformers' own models) and returns it
+# under the field name of the installed release, where generate() looks for it.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -70,7 +75,7 @@ class MiniGPTAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
@@ -80,8 +85,8 @@ class MiniGPTAttention(nn.Module):
         key = key.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
         value = value.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
 
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, nh, S, hs)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (B, nh, S, hs): cached keys, then these
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -134,10 +139,10 @@ class MiniGPTBlock(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, past_key_values, **kwargs)
+        attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
@@ -147,7 +152,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MiniGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -172,18 +177,21 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        # A GPT-2 checkpoint holds the same tensors under the same names, but its Conv1D weights are stored
-        # transposed: convert it on the way in, so that loading GPT-2 weights stays one line.
-        config_file = os.path.join(str(pretrained_model_name_or_path), "config.json")
-        if os.path.isfile(config_file):
-            with open(config_file) as file:
-                is_gpt2 = json.load(file).get("model_type") == "gpt2"
-            if is_gpt2:
-                try:  # (a try block: remote-code loading does not demand hf_minigpt for this optional path)
-                    from hf_minigpt.convert import from_gpt2_pretrained
+        # A GPT-2 checkpoint (a folder or a hub id) holds the same tensors under the same names, but stores the
+        # projections as transposed Conv1D weights. hf_minigpt declares that difference as weight conversions for
+        # transformers' loader, so revisions, shards, dtypes, device maps and new heads work as for any checkpoint.
+        if kwargs.get("gguf_file") is None:
+            checkpoint_config, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)
+            if checkpoint_config.get("model_type") == "gpt2":
+                try:  # (here, not at the top: remote code needs hf_minigpt only for this path)
+                    from hf_minigpt.convert import gpt2_weight_conversions
                 except ImportError as error:
-                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs hf_minigpt installed.") from error
-                return from_gpt2_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs `pip install hf_minigpt`.") from error
+                with gpt2_weight_conversions(cls):
+                    loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+                model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
+                model._weight_conversions = None  # it saves as a MiniGPT checkpoint, not as the GPT-2 one it came from
+                return loaded
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -214,6 +222,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @accepts_past_key_values
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -221,14 +230,14 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
 
         if inputs_embeds is None:
@@ -239,24 +248,16 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
 
         # One mask for all layers, built by transformers for the active attention backend: None where SDPA's
         # causal kernel suffices, additive for eager, a BlockMask for flex. Restarting `position_ids` marks
-        # packed documents, which then do not attend to each other.
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        # packed documents, which then do not attend to each other. (The cache goes in by position: its keyword
+        # is `past_key_values` before transformers 5.24 and `cache` from then on.)
+        causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
 
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         for block in self.h:
-            hidden_states = block(hidden_states, causal_mask, past_key_values, position_ids=position_ids, **kwargs)
+            hidden_states = block(hidden_states, causal_mask, cache, position_ids=position_ids, **kwargs)
         hidden_states = self.ln_f(hidden_states)
 
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
         """Turn the mistakes users make into messages, instead of an index error deep inside torch."""
@@ -270,7 +271,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
         batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if attention_mask is not None and attention_mask.ndim == 2:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:  # (not a prepared BlockMask)
             if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < past_length + seq_len:
                 raise ValueError(
                     f"`attention_mask` has shape {tuple(attention_mask.shape)}, but the batch holds {batch_size} "
@@ -307,11 +308,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Training a GPT spends most of its memory on the (tokens, vocab) logits and their fp32 copies. Here one
     chunk's logits exist at a time: its loss and both gradients are computed in the forward pass (the idea of
-    Liger-Kernel's fused linear cross-entropy), and backward only scales the stored gradients.
+    Liger-Kernel's fused linear cross-entropy), and backward only scales the stored gradients. Without
+    `with_grads` (evaluation) only the loss is computed.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int):
+    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool):
         # Under autocast the matmuls run in its dtype: cast once here, not once per chunk and matmul.
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -326,6 +328,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             picked = chunk_targets.clamp(min=0)
             target_logits = logits.gather(1, picked[:, None]).squeeze(1)
             loss += ((log_normalizer - target_logits) * kept).sum()
+            if not with_grads:
+                continue
             # d loss / d logits = (softmax - one_hot(target)) / num_items on kept rows, 0 on ignored ones.
             grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
             grad_logits[torch.arange(len(picked), device=picked.device), picked] -= 1
@@ -333,14 +337,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_hidden[start : start + chunk_rows] = grad_logits @ matmul_weight
             chunk_grad_weight = grad_logits.T @ rows
             grad_weight = chunk_grad_weight.float() if grad_weight is None else grad_weight.add_(chunk_grad_weight)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        if with_grads:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / num_items
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.to(grad_hidden.dtype)
-        return grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype), None, None, None
+        return grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype), None, None, None, None
 
 
 def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
@@ -354,7 +359,8 @@ def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shif
     num_items = torch.as_tensor(num_items_in_batch, device=hidden_states.device, dtype=torch.float32)
     chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows)
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads)
 
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
@@ -368,40 +374,44 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
+    @accepts_past_key_values
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        skip_logits: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
         labels: token ids to predict, aligned with `input_ids` (the shift happens inside); -100 is ignored.
         logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 keeps all); generation
             needs just the last one, which saves a (B, T, vocab) matmul per step.
-
-        In training (`model.train()`, gradients on) with `labels`, the loss comes from the hidden states a chunk
-        at a time and `logits` is None: the full logits are the largest tensor of a training step. In eval mode,
-        or without labels, logits are returned as usual.
+        skip_logits: the memory-saving training path (as `skip_logits` of Liger-Kernel's integration in
+            transformers): the loss against `labels` comes from the hidden states a chunk of rows at a time and
+            `logits` is None. The (B, T, vocab) logits and their fp32 copies, the largest tensors of a small GPT's
+            training step, never exist whole. The training scripts and the benchmark turn it on.
         """
+        if skip_logits and labels is None:
+            raise ValueError("skip_logits=True computes only the loss, without logits: pass `labels` too.")
         outputs = self.transformer(
             input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = loss = None
-        if labels is not None and self.training and torch.is_grad_enabled():
+        if skip_logits:
             loss = chunked_lm_loss(hidden_states, self.lm_head.weight, labels, **kwargs)
         else:
             logits = self.lm_head(hidden_states)  # (B, T, vocab)
@@ -411,9 +421,9 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
 

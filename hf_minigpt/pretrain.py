@@ -215,7 +215,7 @@ def pick_block_size(args, model) -> int:
 
 def lm_loss(model, batch) -> torch.Tensor:
     # No KV cache when nothing is decoded: without one, restarting `position_ids` mark packed documents.
-    return model(**batch, labels=batch["input_ids"], use_cache=False).loss
+    return model(**batch, labels=batch["input_ids"], use_cache=False, skip_logits=True).loss
 
 
 def evaluate(model, loader, accelerator) -> float:

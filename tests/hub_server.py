@@ -32,6 +32,13 @@ class FakeHub:
     def files(self, repo_id: str, branch: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id]["branches"][branch]["files"]
 
+    def publish(self, repo_id: str, folder, branch: str = "main"):
+        """Put every file of `folder` on `branch` of `repo_id`, as if it had been pushed."""
+        repo = self.repos.setdefault(repo_id, {"private": False, "branches": {}})
+        self.commits += 1
+        repo["branches"][branch] = {"sha": hashlib.sha1(f"{repo_id}@{self.commits}".encode()).hexdigest(),
+                                    "files": {path.name: path.read_bytes() for path in folder.iterdir()}}
+
     def handler(self):
         hub = self
 

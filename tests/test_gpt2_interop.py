@@ -1,5 +1,6 @@
 """MiniGPT loads GPT-2 checkpoints and matches transformers' GPT-2 number for number (fp32, CPU)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,10 +8,18 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, DynamicCache, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import (
+    AutoTokenizer,
+    DynamicCache,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
+    GPT2LMHeadModel,
+)
 
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from hf_minigpt.convert import CheckpointError, convert, gpt2_tokenizer
+from hf_minigpt.modeling_minigpt import CACHE_FIELD
 
 GPT2_VARIANTS = {
     "plain": dict(n_layer=2, n_head=4),
@@ -72,9 +81,10 @@ def test_decoding_with_past_key_values_matches_gpt2(gpt2_pair, mask):
     outputs = []
     for model in (minigpt, gpt2):
         cache = DynamicCache(config=model.config)
-        model(INPUTS[:, :5], attention_mask=attention_mask[:, :5], past_key_values=cache, use_cache=True)
-        outputs.append(model(INPUTS[:, 5:], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                             output_hidden_states=True))
+        # GPT2LMHeadModel names the argument as the installed transformers does.
+        model(INPUTS[:, :5], attention_mask=attention_mask[:, :5], use_cache=True, **{CACHE_FIELD: cache})
+        outputs.append(model(INPUTS[:, 5:], attention_mask=attention_mask, use_cache=True, output_hidden_states=True,
+                             **{CACHE_FIELD: cache}))
     assert_same_outputs(*outputs, attention_mask[:, 5:])
 
 
@@ -307,3 +317,81 @@ def test_gpt2_language_model_loads_as_a_classifier_with_a_fresh_head(gpt2_pair):
     trunk = gpt2.transformer(INPUTS).last_hidden_state
     torch.testing.assert_close(classifier.transformer(INPUTS).last_hidden_state, trunk, atol=ATOL, rtol=0)
     assert classifier(INPUTS[:1]).logits.shape == (1, 2)
+
+
+GPT2_FROM_HUB = r"""
+import json, sys, tempfile
+import torch
+from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification, GPT2ForTokenClassification, GPT2LMHeadModel
+import hf_minigpt
+from hf_minigpt import (MiniGPTForCausalLM, MiniGPTForQuestionAnswering, MiniGPTForSequenceClassification,
+                        MiniGPTForTokenClassification, MiniGPTModel)
+
+def gap(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+ids = torch.tensor(json.loads(sys.argv[1]))
+gpt2 = GPT2LMHeadModel.from_pretrained("openai-community/gpt2").eval()
+trunk = gpt2.transformer(ids).last_hidden_state
+results = {"auto_class": type(AutoModelForCausalLM.from_pretrained("openai-community/gpt2")).__name__}
+results["lm"] = gap(MiniGPTForCausalLM.from_pretrained("openai-community/gpt2")(ids).logits, gpt2(ids).logits)
+for head in (MiniGPTModel, MiniGPTForSequenceClassification, MiniGPTForTokenClassification, MiniGPTForQuestionAnswering):
+    model = head.from_pretrained("openai-community/gpt2").eval()
+    results[head.__name__] = gap(model.base_model(ids).last_hidden_state, trunk)
+v2 = GPT2LMHeadModel.from_pretrained("openai-community/gpt2", revision="v2")(ids).logits
+results["revision"] = gap(MiniGPTForCausalLM.from_pretrained("openai-community/gpt2", revision="v2")(ids).logits, v2)
+results["revision_differs"] = gap(v2, gpt2(ids).logits)
+results["sharded"] = gap(MiniGPTForCausalLM.from_pretrained("user/gpt2-sharded")(ids).logits, gpt2(ids).logits)
+results["device_map"] = gap(MiniGPTForCausalLM.from_pretrained("openai-community/gpt2", device_map="cpu")(ids).logits,
+                            gpt2(ids).logits)
+bf16 = MiniGPTForCausalLM.from_pretrained("openai-community/gpt2", dtype=torch.bfloat16)
+results["bf16_dtype"] = str(bf16.dtype)
+results["bf16_weights"] = gap(bf16.transformer.h[0].attn.c_proj.weight,
+                             gpt2.transformer.h[0].attn.c_proj.weight.T.bfloat16())  # square: transposed?
+results["ignore_mismatched_sizes"] = gap(
+    MiniGPTForCausalLM.from_pretrained("openai-community/gpt2", ignore_mismatched_sizes=True)(ids).logits,
+    gpt2(ids).logits)
+classifier = MiniGPTForSequenceClassification.from_pretrained("openai-community/gpt2", num_labels=3).eval()
+reference = GPT2ForSequenceClassification.from_pretrained("openai-community/gpt2", num_labels=3).eval()
+reference.score.weight.data.copy_(classifier.score.weight)  # both heads are new: give them the same weights
+results["new_head_shape"] = list(classifier(ids).logits.shape)
+results["new_head"] = gap(classifier(ids).logits, reference(ids).logits)
+tagger = GPT2ForTokenClassification.from_pretrained("user/gpt2-tagger").eval()
+results["token_classifier"] = gap(MiniGPTForTokenClassification.from_pretrained("user/gpt2-tagger")(ids).logits,
+                                  tagger(ids).logits)
+with tempfile.TemporaryDirectory() as folder:  # saved as MiniGPT, not as the GPT-2 checkpoint it came from
+    MiniGPTForCausalLM.from_pretrained("openai-community/gpt2").save_pretrained(folder)
+    results["saved_and_reloaded"] = gap(MiniGPTForCausalLM.from_pretrained(folder)(ids).logits, gpt2(ids).logits)
+print("RESULT", json.dumps(results))
+"""
+
+
+def test_gpt2_checkpoints_load_by_hub_id_into_every_head(tmp_path):
+    """Hub ids, revisions, shards, dtype, device_map, new heads and ignore_mismatched_sizes, through the hub API."""
+    from hub_server import FakeHub
+
+    torch.manual_seed(0)
+    config = gpt2_config(n_layer=2, n_head=4, architectures=["GPT2LMHeadModel"])
+    # Like the original `gpt2` upload: saved from the bare GPT2Model, so no `transformer.` prefix.
+    GPT2LMHeadModel(config).transformer.save_pretrained(tmp_path / "main")
+    config.save_pretrained(tmp_path / "main")
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "v2")
+    GPT2LMHeadModel.from_pretrained(tmp_path / "main").save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    GPT2ForTokenClassification(gpt2_config(n_layer=2, n_head=4, num_labels=5)).save_pretrained(tmp_path / "tagger")
+    with FakeHub() as hub:
+        hub.publish("openai-community/gpt2", tmp_path / "main")
+        hub.publish("openai-community/gpt2", tmp_path / "v2", branch="v2")
+        hub.publish("user/gpt2-sharded", tmp_path / "sharded")
+        hub.publish("user/gpt2-tagger", tmp_path / "tagger")
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
+        process = subprocess.run([sys.executable, "-c", GPT2_FROM_HUB, str(INPUTS.tolist())], env=env,
+                                 capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "model.safetensors.index.json" in hub.files("user/gpt2-sharded")
+    results = json.loads(process.stdout.split("RESULT", 1)[1])
+    assert results.pop("auto_class") == "GPT2LMHeadModel"  # importing hf_minigpt leaves GPT-2 ids to GPT-2
+    assert results.pop("bf16_dtype") == "torch.bfloat16" and results.pop("bf16_weights") == 0.0
+    assert results.pop("new_head_shape") == [2, 3]
+    assert results.pop("revision_differs") > 0.01  # the v2 branch holds other weights
+    assert {name: gap for name, gap in results.items() if gap > ATOL} == {}, results

@@ -146,9 +146,9 @@ def test_incremental_decoding_with_cache_equals_full_forward(model):
     input_ids = ids([3, 4, 5, 6, 7, 8, 9, 10])
     full = model(input_ids).logits
     cache = DynamicCache(config=model.config)
-    steps = [model(input_ids[:, :5], past_key_values=cache, use_cache=True).logits]
+    steps = [model(input_ids[:, :5], cache=cache, use_cache=True).logits]
     for t in range(5, 8):
-        steps.append(model(input_ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+        steps.append(model(input_ids[:, t:t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == 8
 
@@ -246,9 +246,9 @@ class TestBadInput:
 
     def test_cache_plus_new_tokens_longer_than_n_positions(self, model):
         cache = DynamicCache(config=model.config)
-        model(torch.full((1, 30), 3), past_key_values=cache, use_cache=True)
+        model(torch.full((1, 30), 3), cache=cache, use_cache=True)
         with pytest.raises(ValueError, match=r"Sequence length 33 \(cached 30 \+ new 3\)"):
-            model(torch.full((1, 3), 3), past_key_values=cache, use_cache=True)
+            model(torch.full((1, 3), 3), cache=cache, use_cache=True)
 
     def test_attention_mask_of_the_wrong_shape(self, model):
         with pytest.raises(ValueError, match=r"`attention_mask` has shape \(1, 3\).* expected \(2, 4\)"):
@@ -269,8 +269,8 @@ class TestBadInput:
             model(ids([3, 4]), position_ids=ids([31, 32]))
 
 
-class TestChunkedTrainingLoss:
-    """In training, the loss comes from the hidden states a chunk at a time; it must equal the plain one."""
+class TestSkipLogits:
+    """`skip_logits=True`: the loss comes from the hidden states a chunk at a time; it must equal the plain one."""
 
     def reference(self, model, input_ids, labels, **kwargs):
         hidden = model.transformer(input_ids).last_hidden_state
@@ -285,7 +285,7 @@ class TestChunkedTrainingLoss:
         input_ids = torch.randint(3, 21, (3, 9), generator=torch.Generator().manual_seed(0))
         labels = input_ids.clone()
         labels[0, :4] = -100  # ignored positions
-        out = model(input_ids, labels=labels, num_items_in_batch=num_items_in_batch)
+        out = model(input_ids, labels=labels, num_items_in_batch=num_items_in_batch, skip_logits=True)
         assert out.logits is None
         out.loss.backward()
         chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -300,13 +300,27 @@ class TestChunkedTrainingLoss:
         model.train()
         input_ids = torch.randint(3, 21, (2, 16), generator=torch.Generator().manual_seed(1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids, labels=input_ids).loss
+            loss = model(input_ids, labels=input_ids, skip_logits=True).loss
             reference = self.reference(model, input_ids, input_ids)
         assert loss.dtype == torch.float32
         torch.testing.assert_close(loss, reference.float(), atol=2e-2, rtol=2e-2)
 
-    def test_eval_mode_and_no_grad_return_logits(self, model):
-        input_ids = torch.tensor([[3, 4, 5]])
-        assert model.eval()(input_ids, labels=input_ids).logits.shape == (1, 3, 21)
+    def test_without_it_a_training_forward_with_labels_returns_logits(self, model):
+        """transformers' contract (its GPT-2 tests read `logits` from a train-mode forward with labels)."""
+        input_ids = torch.tensor([[3, 4, 5, 6]])
+        out = model.train()(input_ids, labels=input_ids)
+        assert out.logits.shape == (1, 4, 21)
+        expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], input_ids[0, 1:])
+        torch.testing.assert_close(out.loss, expected)
+
+    def test_without_gradients_it_gives_the_same_loss(self, model):
+        input_ids = torch.tensor([[3, 4, 5, 6, 7]])
         with torch.no_grad():
-            assert model.train()(input_ids, labels=input_ids).logits is not None
+            skipped = model(input_ids, labels=input_ids, skip_logits=True)
+            full = model(input_ids, labels=input_ids)
+        assert skipped.logits is None
+        torch.testing.assert_close(skipped.loss, full.loss, atol=1e-6, rtol=1e-6)
+
+    def test_it_needs_labels(self, model):
+        with pytest.raises(ValueError, match="pass `labels` too"):
+            model(torch.tensor([[3, 4]]), skip_logits=True)
