@@ -180,7 +180,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         # A GPT-2 checkpoint (a folder or a hub id) holds the same tensors under the same names, but stores the
         # projections as transposed Conv1D weights. hf_minigpt declares that difference as weight conversions for
         # transformers' loader, so revisions, shards, dtypes, device maps and new heads work as for any checkpoint.
-        if kwargs.get("gguf_file") is None:
+        if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
             checkpoint_config, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)
             if checkpoint_config.get("model_type") == "gpt2":
                 try:  # (here, not at the top: remote code needs hf_minigpt only for this path)
@@ -425,6 +425,16 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
+
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        # Refuse in one line before the first step, not with an error at the step that runs past the positions.
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        if generation_config.max_length > self.config.n_positions:
+            raise ValueError(
+                f"generate() would run to {generation_config.max_length} tokens (prompt + new tokens), but this model "
+                f"has positions for {self.config.n_positions}: lower max_new_tokens (or max_length)."
+            )
 
 
 # The task heads reuse transformers' generic forward passes (GPT-2's semantics: sequence classification pools

@@ -113,6 +113,11 @@ def test_the_old_cache_argument_name_still_works(model):
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 
 
+def test_generating_past_the_position_table_is_refused_before_the_first_step(model):
+    with pytest.raises(ValueError, match="would run to 40 tokens .* has positions for 32: lower max_new_tokens"):
+        model.generate(PROMPT, max_new_tokens=36, do_sample=False)
+
+
 def test_greedy_matches_decoding_by_hand(model):
     out = model.generate(PROMPT, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     torch.testing.assert_close(out, greedy_by_hand(model, PROMPT, 8))
