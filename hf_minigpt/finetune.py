@@ -213,7 +213,7 @@ def plot_confusion_matrix(predictions, labels, names: list[str], path) -> None:
 # Training
 
 
-def train(args) -> dict | None:
+def train(args) -> dict:
     accelerator, resume = start(args)
     splits = load_splits(args)
     problem_type = infer_problem_type(splits["train"].features[args.label_column])
@@ -278,8 +278,7 @@ def train(args) -> dict | None:
             return True
         return False
 
-    if not run.train(classification_loss, after_epoch=after_epoch):
-        return None
+    run.train(classification_loss, after_epoch=after_epoch)
     return finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, splits)
 
 

@@ -38,6 +38,8 @@ from .training import (
 
 EOS = "<|endoftext|>"  # GPT-2's end-of-text token, also the separator between packed documents
 EMBEDDED_CORPUS = "the Python language reference (pydoc_data.topics)"
+# Enough optimizer steps for the default model to learn a text of a few hundred tokens by heart.
+MIN_TRAIN_STEPS = 500
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--prompts", nargs="*", default=["Python", "The", "A class"], help="Sampled at the end.")
     run.add_argument("--max_new_tokens", type=int, default=48)
     # Defaults for a small model trained from scratch (nanoGPT's), not run_clm's fine-tuning ones.
-    parser.set_defaults(learning_rate=2e-3, weight_decay=0.1, lr_scheduler_type="cosine", num_warmup_steps=20)
+    parser.set_defaults(learning_rate=2e-3, weight_decay=0.1, lr_scheduler_type="cosine", num_warmup_steps=20,
+                        min_train_steps=MIN_TRAIN_STEPS)
     return parser.parse_args(argv)
 
 
@@ -113,11 +116,12 @@ def train_tokenizer(texts: datasets.Dataset, column: str, vocab_size: int) -> Pr
 
 
 def document_positions(block: list[int], eos_token_id: int) -> list[int]:
-    """Position ids that restart after every EOS, so packed documents do not attend to each other."""
+    """Position ids that restart at every EOS (each document's first token), so packed documents do not attend to
+    each other."""
     positions, position = [], 0
     for token in block:
-        positions.append(position)
         position = 0 if token == eos_token_id else position + 1
+        positions.append(position)
     return positions
 
 
@@ -126,9 +130,14 @@ def tokenize_and_pack(dataset: datasets.Dataset, tokenizer, args, block_size: in
 
     def pack(batch):
         documents = tokenizer([text or "" for text in batch[args.text_column]], verbose=False)["input_ids"]
-        stream = [token for document in documents for token in document + [eos]]
-        # The tail that does not fill a block is dropped, as in run_clm.py.
+        # Every document starts with EOS (GPT-2's <|endoftext|> between texts): a prompt that starts a text is then
+        # [EOS, ...], as in training, at the same positions when documents are masked.
+        stream = [token for document in documents for token in [eos, *document]]
         blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+        if blocks and len(stream) % block_size:
+            # The tail that does not fill a block ends one more block, overlapping the one before (run_clm.py drops
+            # it: in a small corpus that can be a third of the text).
+            blocks.append(stream[-block_size:])
         packed = {"input_ids": blocks}
         if args.document_masking:
             packed["position_ids"] = [document_positions(block, eos) for block in blocks]
@@ -147,13 +156,17 @@ def tokenize_and_pack(dataset: datasets.Dataset, tokenizer, args, block_size: in
     return blocks
 
 
-def split_blocks(train, validation, args) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """Without --validation_file, the last `validation_split_percentage`% of the blocks are held out."""
+def split_blocks(train, validation, args, say) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Without --validation_file, the last `validation_split_percentage`% of the blocks are held out; a corpus with
+    too few blocks for that trains on all of them, without validation."""
     if validation is not None or args.validation_split_percentage == 0:
         return train, validation
-    held_out = max(1, len(train) * args.validation_split_percentage // 100)
-    if held_out >= len(train):
-        raise DataError(f"{len(train)} block(s) cannot be split for validation: add text or a --validation_file.")
+    held_out = len(train) * args.validation_split_percentage // 100
+    if held_out == 0:
+        say(f"No validation: {len(train)} block(s) are too few to hold out {args.validation_split_percentage}% "
+            "(pass --validation_file to evaluate); training on all of them.")
+        return train, None
+    say(f"Validation: the last {held_out} of {len(train)} blocks ({args.validation_split_percentage}%), held out.")
     return train.select(range(len(train) - held_out)), train.select(range(len(train) - held_out, len(train)))
 
 
@@ -234,7 +247,7 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-def train(args) -> dict | None:
+def train(args) -> dict:
     accelerator, resume = start(args)
     train_texts, validation_texts = load_corpus(args)
     tokenizer = load_tokenizer(args, train_texts, resume, accelerator)
@@ -245,7 +258,7 @@ def train(args) -> dict | None:
         validation_blocks = None
         if validation_texts is not None:
             validation_blocks = tokenize_and_pack(validation_texts, tokenizer, args, block_size, "validation")
-    train_blocks, validation_blocks = split_blocks(train_blocks, validation_blocks, args)
+    train_blocks, validation_blocks = split_blocks(train_blocks, validation_blocks, args, accelerator.print)
     eval_loader = None
     if validation_blocks is not None:
         eval_loader = DataLoader(validation_blocks.with_format("torch"), batch_size=args.per_device_eval_batch_size)
@@ -267,8 +280,7 @@ def train(args) -> dict | None:
             run.log({"eval_loss": eval_loss, "perplexity": perplexity(eval_loss)}, "eval")
             write(f"step {step}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
 
-    if not run.train(lm_loss, after_step=evaluate_every):
-        return None
+    run.train(lm_loss, after_step=evaluate_every)
     return finish(args, run, tokenizer, block_size)
 
 
@@ -305,8 +317,8 @@ def finish(args, run: TrainingRun, tokenizer, block_size: int) -> dict:
 
 def generate_samples(model, tokenizer, prompts, max_new_tokens: int, seed: int) -> dict[str, str]:
     samples = {}
+    set_seed(seed)  # once: each prompt draws its own continuation
     for prompt in prompts:
-        set_seed(seed)
         # Documents follow an EOS in training, so a prompt that starts a text does too.
         input_ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer(prompt).input_ids]], device=model.device)
         output = model.generate(

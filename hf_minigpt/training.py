@@ -35,6 +35,18 @@ class DivergedError(RuntimeError):
     """The loss stopped being a finite number."""
 
 
+class Stopped(Exception):
+    """A signal stopped training after a checkpoint; the process exits with the shell's code for it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+class RunComplete(Exception):
+    """Nothing to do: the output folder already holds the finished run that was asked for."""
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Command line: the flags of transformers' `run_*_no_trainer.py` examples that every script here takes.
 
@@ -52,8 +64,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear", choices=list(SchedulerType))
     parser.add_argument("--num_warmup_steps", type=int, default=0)
-    parser.add_argument("--num_train_epochs", type=int, default=3)
+    parser.add_argument("--num_train_epochs", type=int, help="Passes over the training data (default: 3).")
     parser.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
+    parser.add_argument("--min_train_steps", type=int, default=0,
+                        help="Without --num_train_epochs or --max_train_steps, repeat a small dataset for at least "
+                        "this many optimizer steps.")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: Accelerate's config.")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--checkpointing_steps", help="Save every N optimizer steps, or 'epoch'.")
@@ -66,8 +81,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def check_common_args(args: argparse.Namespace) -> None:
     positive = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"]
-    for name in positive + ["num_train_epochs", "save_total_limit"] + ["max_train_steps"] * bool(args.max_train_steps):
-        if getattr(args, name) < 1:
+    for name in positive + ["num_train_epochs", "max_train_steps", "save_total_limit"]:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DataError(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.push_to_hub and not args.hub_model_id:
         raise DataError("--push_to_hub needs --hub_model_id (your-name/model-name).")
@@ -78,6 +93,33 @@ def check_common_args(args: argparse.Namespace) -> None:
             f"{args.output_dir} already holds a run. Continue it with --resume_from_checkpoint latest, start over "
             "with --overwrite_output_dir, or pick another --output_dir."
         )
+    for flag in ("model_name_or_path", "tokenizer_name"):
+        if getattr(args, flag, None):
+            check_model_source(getattr(args, flag), f"--{flag}")
+
+
+def check_model_source(name: str, flag: str) -> None:
+    """A folder that holds a model, or a hub id the hub knows: said at once, not after a minute of retries."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise DataError(f"{flag} {name} is a folder but holds no model (no config.json).")
+        return
+    if path.exists():
+        raise DataError(f"{flag} {name} is a file; give the folder that holds the model.")
+    first = Path(name).parts[0] if Path(name).parts else name
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(first).is_dir()
+    if looks_local:
+        raise DataError(f"{flag} {name}: no such folder.")
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise DataError(f"{flag} {name}: no such folder here, and no such model on the hub.") from None
+    except Exception as error:  # offline, DNS, timeouts, proxies: one line that says so
+        raise DataError(f"{flag} {name}: no such folder here, and the hub could not give it ({error}).") from None
 
 
 def previous_run(output_dir: str) -> bool:
@@ -187,10 +229,20 @@ def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.
     return torch.optim.AdamW(groups, lr=learning_rate)
 
 
+DEFAULT_EPOCHS = 3
+
+
 def plan_steps(args: argparse.Namespace, batches_per_epoch: int) -> tuple[int, int, int]:
-    """(optimizer steps per epoch, total steps, epochs), as run_clm_no_trainer.py computes them."""
+    """(optimizer steps per epoch, total steps, epochs), as run_clm_no_trainer.py computes them; without an
+    explicit length, a dataset too small for `--min_train_steps` in the default epochs is repeated until it fills them
+    (nanoGPT counts iterations, not epochs, for the same reason)."""
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    total = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.max_train_steps:
+        total = args.max_train_steps
+    elif args.num_train_epochs:
+        total = args.num_train_epochs * steps_per_epoch
+    else:
+        total = max(DEFAULT_EPOCHS, math.ceil(args.min_train_steps / steps_per_epoch)) * steps_per_epoch
     return steps_per_epoch, total, math.ceil(total / steps_per_epoch)
 
 
@@ -269,13 +321,13 @@ class StopRequest:
     def handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum
 
     def agreed(self, accelerator) -> bool:
         """True on every process once any process was signalled, so all of them stop at the same step."""
         if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=accelerator.device)
+            return bool(self.requested)
+        flag = torch.tensor(float(bool(self.requested)), device=accelerator.device)
         return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
@@ -284,14 +336,22 @@ class StopRequest:
 
 
 def run_script(prog: str, parse_args, train, argv=None) -> None:
-    """A training script's entry point: bad input, or a loss that diverges, ends it with one line, not a trace."""
+    """A training script's entry point: bad input, or a loss that diverges, ends it with one line, not a trace; a
+    signal ends it with the shell's exit code for that signal, so that `train && publish` does not publish."""
     args = parse_args(argv)
+    created = not Path(args.output_dir).exists()
     try:
         train(args)
     except DataError as error:
+        if created:  # a refused run leaves nothing behind
+            shutil.rmtree(args.output_dir, ignore_errors=True)
         sys.exit(f"{prog}: error: {error}")
     except DivergedError as error:
         sys.exit(f"{prog}: {error}")
+    except RunComplete as complete:
+        print(f"{prog}: {complete}")
+    except Stopped as stopped:
+        sys.exit(stopped.exit_code)
 
 
 def start(args) -> tuple[Accelerator, Path | None]:
@@ -358,12 +418,32 @@ class TrainingRun:
                 changed = [key for key in geometry if self.state["geometry"].get(key) != geometry[key]]
                 old = self.state["geometry"]
                 raise DataError(f"{resume} was trained with other {changed}: {old}. Resume with those.")
+            self.refuse_to_redo_a_finished_run(resume)
             accelerator.print(f"Resuming from {resume} at step {self.state['completed_steps']}.")
         if args.report_to != "none":
             accelerator.init_trackers(name, config={key: str(value) for key, value in vars(args).items()})
         self.unit = unit
         self.items_per_step = items_per_batch * processes * args.gradient_accumulation_steps
         self.steps_this_run, self.seconds = 0, 0.0
+
+    def refuse_to_redo_a_finished_run(self, resume: Path) -> None:
+        """Resuming a run whose model is already in --output_dir either has nothing to do, or must start from the
+        end of it: never retrain from an older checkpoint over the finished model."""
+        results = Path(self.args.output_dir, "all_results.json")
+        if not results.exists():
+            return
+        finished = json.loads(results.read_text()).get("train_steps", 0)
+        if self.max_steps <= finished:
+            raise RunComplete(
+                f"{self.args.output_dir} already holds the finished run ({finished} steps); nothing changed. "
+                f"Pass a --max_train_steps above {finished} to train it further."
+            )
+        if self.state["completed_steps"] < finished:
+            raise DataError(
+                f"{resume} (step {self.state['completed_steps']}) is older than the finished model in "
+                f"{self.args.output_dir} ({finished} steps): resuming from it would retrain over that model. "
+                "Start a new --output_dir from it with --model_name_or_path instead."
+            )
 
     @property
     def history(self) -> list[dict]:
@@ -389,8 +469,8 @@ class TrainingRun:
     def throughput(self) -> float:
         return self.steps_this_run * self.items_per_step / max(self.seconds, 1e-9)
 
-    def train(self, compute_loss, after_step=None, after_epoch=None) -> bool:
-        """Train to the end (True), or until a signal (False: a checkpoint was saved). `after_epoch`
+    def train(self, compute_loss, after_step=None, after_epoch=None) -> None:
+        """Train to the end, or until a signal (then a checkpoint is saved and `Stopped` raised). `after_epoch`
         returning True ends training early."""
         accelerator, args, state, model = self.accelerator, self.args, self.state, self.model
         progress = tqdm(total=self.max_steps, initial=state["completed_steps"], desc=self.name,
@@ -455,9 +535,11 @@ class TrainingRun:
                         accelerator.print(f"Stopped by a signal at step {step}; saved {self.last_checkpoint}. "
                                           "Continue with --resume_from_checkpoint latest.")
                         accelerator.end_training()
-                        return False
+                        raise Stopped(stop.requested or signal.SIGINT)
                     if step >= self.max_steps:
                         break
+                if state["batches_in_epoch"] < len(self.train_loader):
+                    break  # the last step came mid-epoch: a longer run resumes from here
                 state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
                 stop_early = after_epoch is not None and after_epoch(epoch, progress.write)
                 if args.checkpointing_steps == "epoch":
@@ -465,7 +547,12 @@ class TrainingRun:
                 if stop_early:
                     break
         progress.close()
-        return True
+        if args.checkpointing_steps and self.last_checkpoint_step() != state["completed_steps"]:
+            self.checkpoint()  # so that a later, longer run continues from the end rather than from before it
+
+    def last_checkpoint_step(self) -> int | None:
+        return None if self.last_checkpoint is None else json.loads(
+            (self.last_checkpoint / STATE_FILE).read_text())["completed_steps"]
 
     def summary(self) -> dict:
         """The `train_*` entries of all_results.json."""

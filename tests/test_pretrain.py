@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_minigpt.pretrain import document_positions, main, parse_args, tokenize_and_pack
-from hf_minigpt.training import list_checkpoints
+from hf_minigpt.training import Stopped, list_checkpoints
 
 from conftest import tiny_config
 
@@ -53,21 +53,21 @@ def test_documents_are_joined_with_eos_and_packed(tokenizer):
     texts = Dataset.from_dict({"text": ["the cat sat", "a dog ran away fast", "big red mat"]})
     args = parse_args(["--output_dir", "unused", "--document_masking"])
     blocks = tokenize_and_pack(texts, tokenizer, args, block_size=4, split="train")
-    # "mat <eos>" is dropped: shorter than a block, as in run_clm.py.
-    expected = "the cat sat <eos> | a dog ran away | fast <eos> big red"
+    # Each document starts with EOS; the tail ("red mat") ends one more block, overlapping the one before.
+    expected = "<eos> the cat sat | <eos> a dog ran | away fast <eos> big | <eos> big red mat"
     assert [tokenizer.convert_ids_to_tokens(block) for block in blocks["input_ids"]] == [
         block.split() for block in expected.split(" | ")
     ]
-    # Positions restart after each EOS, counted from the start of the block.
-    assert blocks["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1]]
+    # Positions restart at each EOS, counted from the start of the block.
+    assert blocks["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 0, 1], [0, 1, 2, 3]]
 
 
-def test_document_positions_restart_after_eos():
-    assert document_positions([5, 6, 0, 7, 0, 0, 8], eos_token_id=0) == [0, 1, 2, 0, 1, 0, 0]
+def test_document_positions_restart_at_each_eos():
+    assert document_positions([5, 6, 0, 7, 0, 0, 8], eos_token_id=0) == [1, 2, 0, 1, 0, 0, 1]
 
 
 def test_document_masking_keeps_packed_documents_apart(model):
-    first, second = torch.tensor([[3, 5, 7, 0]]), torch.tensor([[4, 6, 8, 9, 10]])
+    first, second = torch.tensor([[0, 3, 5, 7]]), torch.tensor([[0, 4, 6, 8, 9, 10]])
     packed = torch.cat([first, second], dim=1)
     positions = torch.tensor([document_positions(packed[0].tolist(), eos_token_id=0)])
     with torch.no_grad():
@@ -121,7 +121,31 @@ def test_bad_data_is_refused_before_training(tmp_path, tiny_checkpoint, name, co
     with pytest.raises(SystemExit, match=message):
         main(["--train_file", str(file), "--model_name_or_path", str(tiny_checkpoint), "--output_dir",
               str(tmp_path / "out"), *extra])
-    assert not list_checkpoints(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a refused run leaves nothing behind
+
+
+def test_a_mistyped_model_folder_is_named_at_once(tmp_path):
+    (tmp_path / "runs" / "pydoc").mkdir(parents=True)
+    started = time.perf_counter()
+    with pytest.raises(SystemExit, match=r"--model_name_or_path .*runs/pydocs: no such folder\.$"):
+        main(["--model_name_or_path", str(tmp_path / "runs" / "pydocs"), "--output_dir", str(tmp_path / "out")])
+    assert time.perf_counter() - started < 5 and not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_the_hub_does_not_know_is_named(tmp_path):
+    from hub_server import FakeHub
+
+    with FakeHub() as hub:
+        result = pretrain("--model_name_or_path", "nobody/no-such-model", "--output_dir", str(tmp_path / "out"),
+                          check=False, env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "minigpt-pretrain: error: --model_name_or_path nobody/no-such-model: no such folder here, and no such model "
+        "on the hub.")
+
+
+def test_signals_exit_with_the_shells_codes():
+    assert (Stopped(signal.SIGINT).exit_code, Stopped(signal.SIGTERM).exit_code) == (130, 143)
 
 
 def test_block_size_beyond_the_context_is_refused(tmp_path, tiny_checkpoint):
@@ -192,7 +216,7 @@ def test_interrupted_and_resumed_run_repeats_the_same_losses(uninterrupted, tmp_
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 130, stderr[-3000:]  # the shell's code for SIGINT: `train && publish` stops
     assert "Stopped by a signal at step" in stdout and "--resume_from_checkpoint latest" in stdout
     stopped_at = list_checkpoints(output_dir)[-1]
     assert 20 <= int(stopped_at.name[5:]) < 120
@@ -204,6 +228,22 @@ def test_interrupted_and_resumed_run_repeats_the_same_losses(uninterrupted, tmp_
     history = json.loads((output_dir / "log_history.json").read_text())
     reference_history = json.loads((reference / "log_history.json").read_text())
     assert [e for e in history if "eval_loss" in e] == [e for e in reference_history if "eval_loss" in e]
+
+
+def test_resuming_a_finished_run_changes_nothing_unless_asked_to_train_further(tmp_path):
+    output_dir = tmp_path / "run"
+    args = ["--max_train_steps", "12", "--checkpointing_steps", "5", "--output_dir", str(output_dir)]
+    pretrain(*args)
+    assert [path.name for path in list_checkpoints(output_dir)] == ["step_10", "step_12"]  # the end, too
+    weights = (output_dir / "model.safetensors").read_bytes()
+    result = pretrain(*args, "--resume_from_checkpoint", "latest")
+    assert "already holds the finished run (12 steps); nothing changed" in result.stdout
+    assert (output_dir / "model.safetensors").read_bytes() == weights
+    pretrain("--max_train_steps", "15", "--checkpointing_steps", "5", "--output_dir", str(output_dir),
+             "--resume_from_checkpoint", "latest")
+    history = json.loads((output_dir / "log_history.json").read_text())
+    assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 16))
+    assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == 15
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
