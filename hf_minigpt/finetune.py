@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
+import transformers
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
@@ -34,6 +35,7 @@ from .training import (
     load_files,
     plot_losses,
     pyplot,
+    row_location,
     run_script,
     save_model,
     start,
@@ -72,16 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_splits(args) -> dict[str, datasets.Dataset]:
+    """Train, validation (given, or held out at random from train) and test rows, each checked where it was read, so
+    that a bad row is named by its file and row."""
     if not args.train_file:
         raise DataError("--train_file is required.")
-    splits = {"train": load_files(args.train_file, "train")}
-    if args.validation_file:
-        splits["validation"] = load_files(args.validation_file, "validation")
-    else:
-        held_out = splits["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
-        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
-    if args.test_file:
-        splits["test"] = load_files(args.test_file, "test")
+    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    splits = {name: load_files(patterns, name) for name, patterns in files.items() if patterns}
     for name, split in splits.items():
         if len(split) == 0:
             raise DataError(f"The {name} data has no rows.")
@@ -90,7 +88,16 @@ def load_splits(args) -> dict[str, datasets.Dataset]:
         for column in args.text_column:
             empty = [i for i, text in enumerate(split[column]) if not isinstance(text, str) or not text.strip()]
             if empty:
-                raise DataError(f"Row {empty[0]} of the {name} data has no text in {column!r} ({len(empty)} rows).")
+                raise DataError(f"{row_location(files[name], empty[0])} has no text in {column!r} "
+                                f"({len(empty)} such row(s)).")
+        if args.label_column in split.column_names:
+            unlabelled = [i for i, label in enumerate(split[args.label_column]) if label is None or label == ""]
+            if unlabelled:
+                raise DataError(f"{row_location(files[name], unlabelled[0])} has no label in {args.label_column!r} "
+                                f"({len(unlabelled)} such row(s)).")
+    if "validation" not in splits:
+        held_out = splits["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
+        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
     return splits
 
 
@@ -243,7 +250,7 @@ def train(args) -> dict:
 
     with accelerator.main_process_first():
         encoded = {name: encode(split, name) for name, split in splits.items()}
-    model = load_classifier(args, resume, problem_type, label2id, tokenizer)
+    model = load_classifier(args, resume, problem_type, label2id, tokenizer, accelerator.print)
     collate = DataCollatorWithPadding(tokenizer)
     eval_loader = DataLoader(encoded["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=collate)
 
@@ -286,14 +293,25 @@ def classification_loss(model, batch) -> torch.Tensor:
     return model(**batch).loss
 
 
-def load_classifier(args, resume, problem_type: str, label2id: dict, tokenizer) -> MiniGPTForSequenceClassification:
+def load_classifier(args, resume, problem_type, label2id, tokenizer, say) -> MiniGPTForSequenceClassification:
     labels = dict(
         num_labels=len(label2id), id2label={i: name for name, i in label2id.items()}, label2id=label2id,
         problem_type=problem_type, pad_token_id=tokenizer.pad_token_id,
     )
     if resume is not None:  # weights come with the checkpoint
         return MiniGPTForSequenceClassification(MiniGPTConfig.from_pretrained(resume, **labels))
-    model = MiniGPTForSequenceClassification.from_pretrained(args.model_name_or_path, **labels)
+    # transformers' load report is a table with terminal colour codes; one plain line says what matters here.
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model, info = MiniGPTForSequenceClassification.from_pretrained(
+            args.model_name_or_path, output_loading_info=True, **labels
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if info["missing_keys"]:
+        say(f"A new classification head ({', '.join(sorted(info['missing_keys']))}, {len(label2id)} labels) starts "
+              "from random weights; fine-tuning trains it.")
     if len(tokenizer) > model.config.vocab_size:
         raise DataError(f"The tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}.")
     return model
@@ -326,8 +344,8 @@ def finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, 
         if test[1] is not None:
             results.update({f"test_{key}": value for key, value in score(*test, problem_type, names).items()
                             if key != "report"})
-    if problem_type == SINGLE:  # the best model's validation predictions, for the confusion matrix
-        validation_logits, validation_labels = predict(run.model, run.eval_loader, accelerator)
+    # The best model's validation predictions: for the confusion matrix, and for predictions.csv without a test set.
+    validation_logits, validation_labels = predict(run.model, run.eval_loader, accelerator)
     if accelerator.is_main_process:
         for file in (output_dir / "best_model").iterdir():
             shutil.copy2(file, output_dir / file.name)
@@ -341,8 +359,8 @@ def finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, 
             plot_confusion_matrix(logits_to_predictions(validation_logits, problem_type), validation_labels.numpy(),
                                   names, output_dir / "confusion_matrix.png")
             pictures = ("confusion_matrix.png",)
-        if test is not None:
-            write_predictions(output_dir / "predictions.csv", splits["test"], args, test[0], problem_type, names)
+        predicted_split, logits = ("test", test[0]) if test is not None else ("validation", validation_logits)
+        write_predictions(output_dir / "predictions.csv", splits[predicted_split], args, logits, problem_type, names)
         write_classification_card(args, model, results, problem_type, names, metric, pictures)
         summary = {key: value for key, value in results.items() if isinstance(value, (int, float))}
         print(f"Saved the best model (epoch {best['epoch']}) to {output_dir}: "
@@ -354,19 +372,26 @@ def finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, 
 
 
 def write_predictions(path, split, args, logits, problem_type: str, names: list[str]) -> None:
+    """One row per text: the prediction by label name and how sure the model is of it (the probability of the
+    predicted class; for multi-label, of each predicted label)."""
     predictions = logits_to_predictions(logits, problem_type)
     if problem_type == SINGLE:
         shown = [names[i] for i in predictions]
+        scores = [f"{p:.4f}" for p in logits.softmax(-1).max(-1).values.tolist()]
     elif problem_type == MULTI:
         shown = ["|".join(name for name, on in zip(names, row) if on) for row in predictions]
+        probabilities = logits.sigmoid().tolist()
+        scores = ["|".join(f"{p:.4f}" for p, on in zip(row, chosen) if on) for row, chosen in
+                  zip(probabilities, predictions)]
     else:
         shown = [f"{value:.6g}" for value in predictions]
+        scores = [""] * len(shown)
     columns = args.text_column + ([args.label_column] if args.label_column in split.column_names else [])
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", *columns, "prediction"])
-        for index, (row, prediction) in enumerate(zip(split.select_columns(columns), shown)):
-            writer.writerow([index, *[row[column] for column in columns], prediction])
+        writer.writerow(["index", *columns, "prediction", "score"])
+        for index, (row, prediction, score) in enumerate(zip(split.select_columns(columns), shown, scores)):
+            writer.writerow([index, *[row[column] for column in columns], prediction, score])
 
 
 def write_classification_card(args, model, results, problem_type, names, metric, pictures) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import datasets
 import torch
+import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch import nn
@@ -154,11 +155,15 @@ def data_suffix(file: str) -> str:
     return path.suffix.lower()
 
 
+def expand(patterns: list[str]) -> list[str]:
+    return sorted({match for pattern in patterns for match in (glob.glob(pattern) or [pattern])})
+
+
 def load_files(patterns: list[str], split: str) -> datasets.Dataset:
     """Load text/json/jsonl/csv/tsv/parquet files (globs allowed) or a `save_to_disk` folder as one Dataset."""
     if len(patterns) == 1 and Path(patterns[0]).is_dir():
         return load_saved_dataset(patterns[0], split)
-    files = sorted({match for pattern in patterns for match in (glob.glob(pattern) or [pattern])})
+    files = expand(patterns)
     for file in files:
         if not Path(file).is_file():
             raise DataError(f"{file}: no such file (or the pattern matches nothing).")
@@ -179,6 +184,19 @@ def load_files(patterns: list[str], split: str) -> datasets.Dataset:
         return datasets.load_dataset(builder, data_files={split: files}, split=split, **options)
     except Exception as error:  # datasets wraps parser errors in several exception types
         raise DataError(f"Could not read {files}: {error}") from error
+
+
+def row_location(patterns: list[str], index: int) -> str:
+    """Where row `index` of `load_files(patterns)` came from, e.g. "train.csv, row 7" (rows count from 1, after any
+    header). Only asked for when reporting a bad row, so it may re-read the files."""
+    if len(patterns) == 1 and Path(patterns[0]).is_dir():
+        return f"{patterns[0]}, row {index + 1}"
+    for file in expand(patterns):
+        rows = len(load_files([file], "train"))
+        if index < rows:
+            return f"{file}, row {index + 1}"
+        index -= rows
+    raise IndexError(index)
 
 
 def load_saved_dataset(folder: str, split: str) -> datasets.Dataset:
@@ -212,7 +230,11 @@ def check_utf8(file: str, chunk_size: int = 1 << 20) -> None:
 def check_columns(dataset: datasets.Dataset, columns: list[str], flag: str) -> None:
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
-        raise DataError(f"{flag} {missing[0]!r} is not a column of the data; its columns are {dataset.column_names}.")
+        plain_text = " (plain text files hold only 'text': use csv, tsv or jsonl for labelled data)"
+        hint = plain_text if dataset.column_names == ["text"] else ""
+        raise DataError(
+            f"{flag} {missing[0]!r} is not a column of the data; its columns are {dataset.column_names}{hint}."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -357,6 +379,9 @@ def run_script(prog: str, parse_args, train, argv=None) -> None:
 def start(args) -> tuple[Accelerator, Path | None]:
     """The Accelerator, seeded, with the output folder ready; and the checkpoint to resume from, if any."""
     check_common_args(args)
+    if not sys.stderr.isatty():  # progress bars written into a log file are noise
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -473,8 +498,11 @@ class TrainingRun:
         """Train to the end, or until a signal (then a checkpoint is saved and `Stopped` raised). `after_epoch`
         returning True ends training early."""
         accelerator, args, state, model = self.accelerator, self.args, self.state, self.model
+        # A bar on a terminal; in a log file (not a terminal) a line every 5% of the steps instead.
+        to_terminal = sys.stderr.isatty()
         progress = tqdm(total=self.max_steps, initial=state["completed_steps"], desc=self.name,
-                        disable=not accelerator.is_local_main_process)
+                        disable=not (accelerator.is_local_main_process and to_terminal))
+        line_every = max(1, self.max_steps // 20)
         every = int(args.checkpointing_steps) if str(args.checkpointing_steps).isdigit() else None
         started = time.perf_counter()
         with StopRequest() as stop:
@@ -520,8 +548,12 @@ class TrainingRun:
                     epoch_done = round(step / self.steps_per_epoch, 4)
                     self.log({"epoch": epoch_done, "loss": loss, "learning_rate": learning_rate}, "train")
                     progress.update(1)
-                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}",
-                                         **{f"{self.unit}_s": f"{self.throughput():.0f}"})
+                    figures = {"loss": f"{loss:.4f}", "lr": f"{learning_rate:.2e}",
+                               f"{self.unit}_s": f"{self.throughput():.0f}"}
+                    progress.set_postfix(**figures)
+                    if not to_terminal and (step % line_every == 0 or step == self.max_steps):
+                        accelerator.print(f"step {step}/{self.max_steps}: "
+                                          + ", ".join(f"{key} {value}" for key, value in figures.items()))
                     if after_step is not None:
                         hook_started = time.perf_counter()
                         after_step(step, progress.write)

@@ -131,6 +131,10 @@ def test_single_label_run_learns_and_writes_everything(single_label, data):
         predictions = list(csv.DictReader(handle))
     assert len(predictions) == 20
     assert sum(row["prediction"] == row["label"] for row in predictions) / 20 == found["test_accuracy"]
+    model = AutoModelForSequenceClassification.from_pretrained(single_label).eval()
+    tokenizer = AutoTokenizer.from_pretrained(single_label)
+    first = model(**tokenizer(predictions[0]["text"], return_tensors="pt")).logits.softmax(-1).max().item()
+    assert float(predictions[0]["score"]) == pytest.approx(first, abs=1e-4)  # how sure: the class probability
 
     model = AutoModelForSequenceClassification.from_pretrained(single_label)
     assert model.config.id2label == {0: "cool", 1: "warm"} and model.config.pad_token_id == 0  # EOS pads
@@ -176,6 +180,10 @@ def test_multi_label_and_regression_runs(base, tmp_path):
     config = json.loads((tmp_path / "multi" / "config.json").read_text())
     assert config["problem_type"] == MULTI and config["id2label"] == {"0": "blue", "1": "red"}
     assert results(tmp_path / "multi")["eval_f1"] > 0.9
+    with open(tmp_path / "multi" / "predictions.csv") as handle:  # no --test_file: the validation rows
+        predictions = list(csv.DictReader(handle))
+    assert len(predictions) == 16 and all(len(row["prediction"].split("|")) == len(row["score"].split("|"))
+                                          for row in predictions if row["prediction"])
 
     scores = [{"text": text, "score": float(len(chosen))} for text, chosen in rows]
     finetune(base, "--train_file", write_jsonl(tmp_path / "scores.jsonl", scores), "--label_column", "score",
@@ -193,7 +201,10 @@ def test_multi_label_and_regression_runs(base, tmp_path):
     "validation, extra, message",
     [
         ([{"text": "the red cat", "label": "hot"}], [], r"validation data has label\(s\) \['hot'\] that never occur"),
-        ([{"text": "", "label": "warm"}], [], r"Row 0 of the validation data has no text in 'text'"),
+        ([{"text": "the cat", "label": "warm"}, {"text": "", "label": "warm"}], [],
+         r"dev\.csv, row 2 has no text in 'text' \(1 such row\(s\)\)"),
+        ([{"text": "the cat", "label": "warm"}, {"text": "a dog", "label": ""}], [],
+         r"dev\.csv, row 2 has no label in 'label'"),
         ([{"text": "the red cat", "label": "warm"}], ["--label_column", "colour"],
          r"'colour' is not a column .* \['text', 'label'\]"),
         ([{"text": "the red cat", "label": "warm"}], ["--metric_for_best_model", "mse"], "does not apply to single"),
@@ -203,7 +214,25 @@ def test_bad_input_is_refused_before_training(base, data, tmp_path, validation, 
     with pytest.raises(SystemExit, match=message):
         main(["--model_name_or_path", str(base), "--train_file", data["train"], "--validation_file",
               write_csv(tmp_path / "dev.csv", validation), "--output_dir", str(tmp_path / "out"), *extra])
-    assert not (tmp_path / "out" / "config.json").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_label_in_the_training_data_names_its_file_and_row(base, tmp_path):
+    rows = [{"text": f"the cat {i}", "label": "warm" if i % 2 else "cold"} for i in range(30)]
+    rows[17]["label"] = ""
+    (tmp_path / "parts").mkdir()
+    write_csv(tmp_path / "parts" / "a.csv", rows[:10])
+    write_csv(tmp_path / "parts" / "b.csv", rows[10:])
+    with pytest.raises(SystemExit, match=r"b\.csv, row 8 has no label in 'label' \(1 such row\(s\)\)"):
+        main(["--model_name_or_path", str(base), "--train_file", str(tmp_path / "parts" / "*.csv"),
+              "--output_dir", str(tmp_path / "out")])
+
+
+def test_plain_text_without_labels_is_refused_in_one_line(base, tmp_path):
+    (tmp_path / "reviews.txt").write_text("A gripping film.\nA dull film.\n")
+    with pytest.raises(SystemExit, match=r"'label' is not a column .* \['text'\] \(plain text files hold only"):
+        main(["--model_name_or_path", str(base), "--train_file", str(tmp_path / "reviews.txt"),
+              "--output_dir", str(tmp_path / "out")])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
