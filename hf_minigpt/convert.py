@@ -10,6 +10,7 @@ end, so a failure never leaves a half-written checkpoint behind.
 
 import json
 import logging
+import os
 import pickle
 import re
 import shutil
@@ -159,6 +160,16 @@ def load_into(model: torch.nn.Module, state_dict: dict, source) -> torch.nn.Modu
     return model
 
 
+def with_default_permissions(folder) -> None:
+    """Give `folder` and its files the modes a plain `mkdir` and `open` would (the umask's), not the private ones of
+    a scratch folder or of transformers' own temporary weights file (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextmanager
 def atomic_folder(destination, replace: bool = False):
     """Yield a scratch folder beside `destination`; it becomes `destination` only if the block succeeds.
@@ -174,6 +185,7 @@ def atomic_folder(destination, replace: bool = False):
     previous = destination.with_name(f".{destination.name}.previous")
     try:
         yield scratch
+        with_default_permissions(scratch)
         if destination.exists():
             shutil.rmtree(previous, ignore_errors=True)
             destination.rename(previous)

@@ -29,6 +29,7 @@ from .hub import add_hub_args, push_after_training
 from .model_card import file_names, optimization_rows, write_model_card
 from .training import (
     DataError,
+    HelpFormatter,
     TrainingRun,
     add_common_args,
     check_columns,
@@ -50,14 +51,14 @@ METRICS = {"accuracy": True, "f1": True, "loss": False, "mse": False, "pearson":
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="minigpt-finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="minigpt-finetune", description=__doc__, formatter_class=HelpFormatter
     )
     add_common_args(parser)
     add_hub_args(parser)
     parser.add_argument("--model_name_or_path", required=True, help="A MiniGPT or GPT-2 folder.")
     parser.add_argument("--test_file", nargs="+", help="Predicted at the end (labels optional).")
     parser.add_argument("--text_column", nargs="+", default=["text"], help="One column, or two for sentence pairs.")
-    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--label_column", default="label", help="Column holding the labels.")
     parser.add_argument("--max_length", type=int, default=128, help="Longer texts are truncated.")
     parser.add_argument("--validation_split_percentage", type=int, default=10, help="Without --validation_file.")
     parser.add_argument("--metric_for_best_model", choices=list(METRICS), help="Default: accuracy, f1 or mse.")

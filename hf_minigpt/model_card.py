@@ -29,7 +29,7 @@ def optimization_rows(args) -> dict:
         "per-device batch size": args.per_device_train_batch_size,
         "gradient accumulation steps": args.gradient_accumulation_steps,
         "learning rate": args.learning_rate,
-        "schedule": f"{args.lr_scheduler_type.value}, {args.num_warmup_steps} warm-up steps",
+        "schedule": f"{args.lr_scheduler_type}, {args.num_warmup_steps} warm-up steps",
         "weight decay": args.weight_decay,
     }
 

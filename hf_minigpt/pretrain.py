@@ -24,6 +24,7 @@ from .hub import add_hub_args, push_after_training
 from .model_card import file_names, optimization_rows, write_model_card
 from .training import (
     DataError,
+    HelpFormatter,
     TrainingRun,
     add_common_args,
     check_columns,
@@ -44,7 +45,7 @@ MIN_TRAIN_STEPS = 500
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="minigpt-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="minigpt-pretrain", description=__doc__, formatter_class=HelpFormatter
     )
     add_common_args(parser)
     add_hub_args(parser)
@@ -58,14 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     tokenizer.add_argument("--vocab_size", type=int, default=4096, help="Size of a newly trained tokenizer.")
     model = parser.add_argument_group("model (default: a new MiniGPT of the shape below)")
     model.add_argument("--model_name_or_path", help="Continue from a MiniGPT or GPT-2 folder.")
-    model.add_argument("--n_layer", type=int, default=4)
-    model.add_argument("--n_head", type=int, default=4)
-    model.add_argument("--n_embd", type=int, default=128)
-    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--n_layer", type=int, default=4, help="Transformer blocks.")
+    model.add_argument("--n_head", type=int, default=4, help="Attention heads per block.")
+    model.add_argument("--n_embd", type=int, default=128, help="Width of the residual stream.")
+    model.add_argument("--dropout", type=float, default=0.0, help="On embeddings, attention and residual branches.")
     run = parser.add_argument_group("evaluation and samples")
     run.add_argument("--eval_steps", type=int, help="Evaluate every N optimizer steps (always at the end).")
     run.add_argument("--prompts", nargs="*", default=["Python", "The", "A class"], help="Sampled at the end.")
-    run.add_argument("--max_new_tokens", type=int, default=48)
+    run.add_argument("--max_new_tokens", type=int, default=48, help="Length of each sample.")
     # Defaults for a small model trained from scratch (nanoGPT's), not run_clm's fine-tuning ones.
     parser.set_defaults(learning_rate=2e-3, weight_decay=0.1, lr_scheduler_type="cosine", num_warmup_steps=20,
                         min_train_steps=MIN_TRAIN_STEPS)
@@ -156,18 +157,21 @@ def tokenize_and_pack(dataset: datasets.Dataset, tokenizer, args, block_size: in
     return blocks
 
 
-def split_blocks(train, validation, args, say) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def split_blocks(train, validation, args, say) -> tuple[datasets.Dataset, datasets.Dataset | None, str]:
     """Without --validation_file, the last `validation_split_percentage`% of the blocks are held out; a corpus with
-    too few blocks for that trains on all of them, without validation."""
-    if validation is not None or args.validation_split_percentage == 0:
-        return train, validation
+    too few blocks for that trains on all of them, without validation. Also returns what was done, in words."""
+    if validation is not None:
+        return train, validation, f"Validation: {file_names(args.validation_file)}."
     held_out = len(train) * args.validation_split_percentage // 100
     if held_out == 0:
-        say(f"No validation: {len(train)} block(s) are too few to hold out {args.validation_split_percentage}% "
-            "(pass --validation_file to evaluate); training on all of them.")
-        return train, None
-    say(f"Validation: the last {held_out} of {len(train)} blocks ({args.validation_split_percentage}%), held out.")
-    return train.select(range(len(train) - held_out)), train.select(range(len(train) - held_out, len(train)))
+        note = "No validation set: the model was trained on all of the text."
+        if args.validation_split_percentage:
+            say(f"No validation: {len(train)} block(s) are too few to hold out {args.validation_split_percentage}% "
+                "(pass --validation_file to evaluate); training on all of them.")
+        return train, None, note
+    note = f"Validation: the last {held_out} of {len(train)} packed blocks ({args.validation_split_percentage}%)."
+    say(note)
+    return train.select(range(len(train) - held_out)), train.select(range(len(train) - held_out, len(train))), note
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,7 +262,9 @@ def train(args) -> dict:
         validation_blocks = None
         if validation_texts is not None:
             validation_blocks = tokenize_and_pack(validation_texts, tokenizer, args, block_size, "validation")
-    train_blocks, validation_blocks = split_blocks(train_blocks, validation_blocks, args, accelerator.print)
+    train_blocks, validation_blocks, validation_note = split_blocks(
+        train_blocks, validation_blocks, args, accelerator.print
+    )
     eval_loader = None
     if validation_blocks is not None:
         eval_loader = DataLoader(validation_blocks.with_format("torch"), batch_size=args.per_device_eval_batch_size)
@@ -281,10 +287,10 @@ def train(args) -> dict:
             write(f"step {step}: eval_loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f}")
 
     run.train(lm_loss, after_step=evaluate_every)
-    return finish(args, run, tokenizer, block_size)
+    return finish(args, run, tokenizer, block_size, validation_note)
 
 
-def finish(args, run: TrainingRun, tokenizer, block_size: int) -> dict:
+def finish(args, run: TrainingRun, tokenizer, block_size: int, validation_note: str) -> dict:
     """Final evaluation; model, tokenizer, results, loss curve and card in --output_dir; samples."""
     accelerator, model = run.accelerator, run.model
     results = run.summary()
@@ -305,7 +311,7 @@ def finish(args, run: TrainingRun, tokenizer, block_size: int) -> dict:
         # Samples come from the saved folder, loaded as a user would: this also proves that it loads.
         saved = AutoModelForCausalLM.from_pretrained(output_dir).to(accelerator.device).eval()
         samples = generate_samples(saved, tokenizer, args.prompts, args.max_new_tokens, args.seed)
-        write_pretraining_card(args, saved, results, samples, block_size)
+        write_pretraining_card(args, saved, results, samples, block_size, validation_note)
         for text in samples.values():
             print(f"\n{text}\n{'-' * 40}")
         print(f"\nSaved to {output_dir}: " + ", ".join(f"{key} {value:.4g}" for key, value in results.items()))
@@ -329,16 +335,14 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, seed: int) 
     return samples
 
 
-def write_pretraining_card(args, model, results, samples, block_size) -> None:
+def write_pretraining_card(args, model, results, samples, block_size, validation_note: str) -> None:
     if args.train_file:
         training_data = f"Plain text from {file_names(args.train_file)}."
     else:
         training_data = f"The text of {EMBEDDED_CORPUS}, one document per topic, which ships with every Python."
-    if args.validation_file:
-        training_data += f" Validation: {file_names(args.validation_file)}."
-    else:
-        training_data += f" The last {args.validation_split_percentage}% of the packed blocks are the validation set."
-    tokenizer = f"`{args.tokenizer_name}`" if args.tokenizer_name else f"a byte-level BPE of {args.vocab_size} tokens"
+    training_data += f" {validation_note}"
+    tokenizer = f"`{args.tokenizer_name}`" if args.tokenizer_name else (
+        f"a byte-level BPE of {model.config.vocab_size} tokens, trained on the training text")
     base = f"continued from `{args.model_name_or_path}`" if args.model_name_or_path else "trained from scratch"
     hyperparameters = {
         "tokenizer": tokenizer if not args.model_name_or_path else f"`{args.model_name_or_path}`'s",

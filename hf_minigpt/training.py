@@ -27,6 +27,8 @@ from tqdm.auto import tqdm
 from transformers import SchedulerType, get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
+from .convert import with_default_permissions
+
 
 class DataError(ValueError):
     """Input that cannot be trained on, found before the first step."""
@@ -52,26 +54,36 @@ class RunComplete(Exception):
 # Command line: the flags of transformers' `run_*_no_trainer.py` examples that every script here takes.
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows every default that is set."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train_file", nargs="+", help="Files (or globs), or a folder written by `save_to_disk`.")
     parser.add_argument("--validation_file", nargs="+", help="Same formats as --train_file.")
     parser.add_argument("--output_dir", required=True, help="Where the model, tokenizer, results and checkpoints go.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Start over in a non-empty --output_dir.")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8, help="Training rows per step, per process.")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Evaluation rows per batch.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    parser.add_argument("--learning_rate", type=float, default=5e-5, help="Peak learning rate of AdamW.")
     parser.add_argument("--weight_decay", type=float, default=0.0, help="Not applied to biases and LayerNorm weights.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--lr_scheduler_type", type=SchedulerType, default="linear", choices=list(SchedulerType))
-    parser.add_argument("--num_warmup_steps", type=int, default=0)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
+    parser.add_argument("--lr_scheduler_type", default="linear", choices=[kind.value for kind in SchedulerType],
+                        metavar="SCHEDULE", help="Learning-rate schedule, one of: %(choices)s.")
+    parser.add_argument("--num_warmup_steps", type=int, default=0, help="Steps of linear learning-rate warm-up.")
     parser.add_argument("--num_train_epochs", type=int, help="Passes over the training data (default: 3).")
     parser.add_argument("--max_train_steps", type=int, help="Overrides --num_train_epochs.")
     parser.add_argument("--min_train_steps", type=int, default=0,
                         help="Without --num_train_epochs or --max_train_steps, repeat a small dataset for at least "
                         "this many optimizer steps.")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], help="Default: Accelerate's config.")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="Seeds weights, data order and dropout.")
     parser.add_argument("--checkpointing_steps", help="Save every N optimizer steps, or 'epoch'.")
     parser.add_argument("--resume_from_checkpoint", help="A checkpoint folder, or 'latest' in --output_dir.")
     parser.add_argument("--save_total_limit", type=int, default=2, help="How many checkpoints to keep.")
@@ -605,6 +617,7 @@ def save_model(accelerator, model, folder) -> None:
     if accelerator.is_main_process:
         state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
         accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(folder, state_dict=state_dict)
+        with_default_permissions(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -188,6 +188,8 @@ def test_output_folder_loads_and_reports(uninterrupted):
     # It learned: the validation loss is well below that of guessing among 512 tokens (ln 512 = 6.24).
     assert results["eval_loss"] < 5.5
     assert (output_dir / "loss.png").read_bytes().startswith(b"\x89PNG")
+    modes = {path.name: path.stat().st_mode & 0o777 for path in output_dir.iterdir() if path.is_file()}
+    assert modes["model.safetensors"] == modes["config.json"]  # not transformers' private 0600 scratch file
 
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
