@@ -1,5 +1,5 @@
-"""The README's Python blocks run as written (in order, as one script, in a fresh process and a scratch folder),
-with the hub ids they name served by the local Hub-API test server."""
+"""The README's examples run as written: its Python blocks in order, as one script, in a fresh process and a
+scratch folder (hub ids served by the local Hub-API test server), and the toy GPT end to end."""
 
 import os
 import re
@@ -7,17 +7,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hub_server import FakeHub
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+TOY_FOLDER = "runs/lang"
+
+
+def blocks(language: str, text: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def section(title: str) -> str:
+    return README.read_text().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
 
 
 def test_readme_python_blocks_run(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README.md has no python blocks"
-    script = "\n".join(blocks) + "\nprint('CHECK', type(model).__name__, tuple(logits.shape))\n"
+    # (The toy's block needs the toy's training run: its own test below runs both.)
+    python = [block for block in blocks("python", README.read_text()) if TOY_FOLDER not in block]
+    assert python, "README.md has no python blocks"
+    script = "\n".join(python) + "\nprint('CHECK', type(model).__name__, tuple(logits.shape))\n"
     # The GPT-2 the README loads by hub id: a tiny random one in the real checkpoint format.
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
     with FakeHub() as hub:
@@ -27,3 +38,21 @@ def test_readme_python_blocks_run(tmp_path):
                                 timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "CHECK MiniGPTForCausalLM (1, 3)" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_toy_gpt_continues_a_sentence_as_the_readme_says(tmp_path):
+    toy = section("First try")
+    (shell,), (python,) = blocks("bash", toy), blocks("python", toy)
+    shell = shell.replace(".venv/bin/minigpt-pretrain", f"{sys.executable} -m hf_minigpt.pretrain")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    trained = subprocess.run(["bash", "-c", shell], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "No validation: 2 block(s) are too few to hold out 5%" in trained.stdout
+    assert "500 steps" in trained.stdout
+    generated = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    expected = python.strip().splitlines()[-1].removeprefix("# ")
+    assert generated.stdout.strip().splitlines()[-1] == expected
