@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import random
 import shutil
 import subprocess
@@ -339,6 +340,10 @@ def test_early_stopping_keeps_the_best_epoch(base, data, tmp_path):
     result = finetune(base, "--train_file", data["train"], "--validation_file", data["validation"],
                       "--num_train_epochs", "12", "--early_stopping_patience", "1", "--output_dir", str(tmp_path))
     assert "stopping early" in result.stdout + result.stderr
+    # Written for a log file (output is not a terminal): plain lines, no bars, no colour codes.
+    assert "A new classification head (score.weight, 2 labels) starts from random weights" in result.stdout
+    assert "LOAD REPORT" not in result.stderr and "\x1b[" not in result.stdout + result.stderr
+    assert "it/s]" not in result.stderr and re.search(r"step \d+/\d+: loss", result.stdout)
     found = results(tmp_path)
     evaluated = [entry for entry in history(tmp_path) if "eval_accuracy" in entry]
     assert len(evaluated) < 12 and found["epoch"] < 12

@@ -144,6 +144,26 @@ def test_a_hub_id_the_hub_does_not_know_is_named(tmp_path):
         "on the hub.")
 
 
+def test_help_shows_defaults_and_schedule_names(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "Peak learning rate of AdamW. (default: 0.002)" in shown and "(default: 500)" in shown
+    assert "one of: linear, cosine," in shown and "SchedulerType" not in shown
+
+
+def test_each_prompt_draws_its_own_sample(tokenizer):
+    from hf_minigpt import MiniGPTForCausalLM
+    from hf_minigpt.pretrain import generate_samples
+
+    model = MiniGPTForCausalLM(tiny_config()).eval()
+    for parameter in model.parameters():  # uniform next-token probabilities: only the random draws differ
+        torch.nn.init.zeros_(parameter)
+    samples = generate_samples(model, tokenizer, ["the cat", "a dog"], max_new_tokens=12, seed=0)
+    continuations = [text.split(maxsplit=2)[2] for text in samples.values()]
+    assert continuations[0] != continuations[1]
+
+
 def test_signals_exit_with_the_shells_codes():
     assert (Stopped(signal.SIGINT).exit_code, Stopped(signal.SIGTERM).exit_code) == (130, 143)
 

@@ -1,6 +1,7 @@
 """The README's examples run as written: its Python blocks in order, as one script, in a fresh process and a
 scratch folder (hub ids served by the local Hub-API test server), and the toy GPT end to end."""
 
+import json
 import os
 import re
 import subprocess
@@ -56,3 +57,7 @@ def test_the_toy_gpt_continues_a_sentence_as_the_readme_says(tmp_path):
     assert generated.returncode == 0, generated.stderr[-3000:]
     expected = python.strip().splitlines()[-1].removeprefix("# ")
     assert generated.stdout.strip().splitlines()[-1] == expected
+    # The card says what happened: the vocabulary the tokenizer has, and that nothing was held out.
+    card = (tmp_path / TOY_FOLDER / "README.md").read_text()
+    vocab_size = json.loads((tmp_path / TOY_FOLDER / "config.json").read_text())["vocab_size"]
+    assert f"a byte-level BPE of {vocab_size} tokens" in card and "No validation set" in card
