@@ -38,7 +38,21 @@ class MiniGPTConfig(PretrainedConfig):
     """
 
     model_type = "minigpt"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): every rank holds whole heads of q,
+    # k and v and a slice of the MLP; the projections back into the residual stream sum over ranks. The embeddings
+    # (and the tied LM head) stay whole, so logits need no gather.
+    base_model_tp_plan = {
+        "h.*.attn.c_attn": "stacked_qkv_colwise",
+        "h.*.attn.c_proj": "rowwise",
+        "h.*.mlp.c_fc": "colwise",
+        "h.*.mlp.c_proj": "rowwise",
+    }
+    base_model_pp_plan = {
+        "wte": (["input_ids"], ["inputs_embeds"]),
+        "h": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "ln_f": (["hidden_states"], ["hidden_states"]),
+    }
     attribute_map = {
         "hidden_size": "n_embd",
         "max_position_embeddings": "n_positions",

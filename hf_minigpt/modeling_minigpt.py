@@ -41,6 +41,29 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
 
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, PackedColwiseParallel
+
+    class StackedQKVColwiseParallel(PackedColwiseParallel):
+        """The tensor-parallel style of `c_attn`, whose outputs are [q | k | v] (GPT-2's layout): each third is
+        sharded alike, so every rank holds whole heads of q, k and v, in the weight and in the bias."""
+
+        def __init__(self):
+            super().__init__(split_factor=3)
+
+        def shard_param(self, module, param, mesh):
+            meta = module._parameters.get(param)
+            if meta is not None:
+                placement = _StridedShard(dim=0, split_factor=3)
+                module._parameters[param] = nn.Parameter(
+                    distribute_tensor(meta, mesh, [placement], src_data_rank=None), requires_grad=meta.requires_grad
+                )
+
+    ALL_PARALLEL_STYLES.register("stacked_qkv_colwise", StackedQKVColwiseParallel())
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """softmax(q k^T * scaling + mask) v, written out; the reference the fused kernels must match."""
     attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, T, S)
@@ -80,13 +103,16 @@ class MiniGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         head_shape = (batch_size, seq_len, -1, self.head_dim)
-        query, key, value = self.c_attn(hidden_states).split(self.n_embd, dim=2)
+        # (thirds, not n_embd-wide splits: under tensor parallelism this rank holds a third of its heads' width each)
+        query, key, value = self.c_attn(hidden_states).chunk(3, dim=2)
         query = query.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
         key = key.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
         value = value.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
 
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)  # (B, nh, S, hs): cached keys, then these
+            # (B, nh, S, hs): cached keys, then these. A paged cache (continuous batching) also fills in `kwargs`
+            # what its attention function needs.
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -101,7 +127,7 @@ class MiniGPTAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = attn_output.reshape(batch_size, seq_len, self.n_embd)  # re-assemble heads: (B, T, C)
+        attn_output = attn_output.reshape(batch_size, seq_len, -1)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(attn_output)), attn_weights
 
 
@@ -237,7 +263,9 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_length = cache.get_seq_length() if cache is not None else 0
+        # Without position ids, new tokens follow the cached ones. (With them, as in generate() and continuous
+        # batching, whose paged cache has no single length, the cache is not asked.)
+        past_length = cache.get_seq_length() if cache is not None and position_ids is None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
 
         if inputs_embeds is None:

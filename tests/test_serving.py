@@ -1,0 +1,152 @@
+"""What serving engines rely on: a tensor-parallel plan that shards over processes, keyword arguments that reach
+every attention call (vLLM's and SGLang's Transformers backend), continuous batching, and an OpenAI-compatible
+endpoint checked with the real `openai` client."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+import torch
+from transformers import AttentionInterface, GenerationConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from hf_minigpt import MiniGPTForCausalLM
+from hf_minigpt.convert import convert
+
+from conftest import tiny_config
+
+PROMPTS = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12], [13]]
+
+
+@pytest.fixture
+def lively_model():
+    """A tiny random model whose greedy continuations vary (a larger init than GPT-2's)."""
+    torch.manual_seed(0)
+    return MiniGPTForCausalLM(tiny_config(initializer_range=0.5)).eval()
+
+
+@torch.no_grad()
+def greedy(model, prompt, steps):
+    """The argmax continuation by full forward passes: no cache, no generate(), no end-of-text rule."""
+    input_ids = torch.tensor([prompt])
+    for _ in range(steps):
+        input_ids = torch.cat([input_ids, model(input_ids).logits[:, -1:].argmax(-1)], dim=-1)
+    return input_ids[0, len(prompt):].tolist()
+
+
+TP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    import hf_minigpt
+    from transformers import AutoModelForCausalLM, DistributedConfig
+
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], distributed_config=DistributedConfig(tp_plan="auto"))
+    model.eval()
+    ids = torch.tensor(json.loads(sys.argv[2]))
+    with torch.no_grad():
+        logits = model(ids).logits
+    tokens = model.generate(ids[:1, :4], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p
+    shapes = {name: list(local(p).shape) for name, p in model.named_parameters() if "h.0." in name or "wte" in name}
+    if os.environ["RANK"] == "0":
+        print("RESULT", json.dumps({"logits": logits.tolist(), "tokens": tokens.tolist(), "shapes": shapes}))
+""")
+
+
+def test_tensor_parallel_over_two_processes_matches_one_process(lively_model, tmp_path):
+    lively_model.save_pretrained(tmp_path / "model")
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]])
+    (tmp_path / "tp.py").write_text(TP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(tmp_path / "tp.py"),
+               str(tmp_path / "model"), json.dumps(ids.tolist())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads(result.stdout.split("RESULT", 1)[1])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(sharded["logits"]), lively_model(ids).logits, atol=1e-4, rtol=0)
+    expected = lively_model.generate(ids[:1, :4], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert sharded["tokens"] == expected.tolist()
+    n_embd = lively_model.config.n_embd  # 32: each of the two ranks holds half of every projection
+    assert sharded["shapes"] == {
+        "transformer.wte.weight": [lively_model.config.vocab_size, n_embd],  # embeddings stay whole
+        "transformer.h.0.ln_1.weight": [n_embd], "transformer.h.0.ln_1.bias": [n_embd],
+        "transformer.h.0.attn.c_attn.weight": [3 * n_embd // 2, n_embd], "transformer.h.0.attn.c_attn.bias": [48],
+        "transformer.h.0.attn.c_proj.weight": [n_embd, n_embd // 2], "transformer.h.0.attn.c_proj.bias": [n_embd],
+        "transformer.h.0.ln_2.weight": [n_embd], "transformer.h.0.ln_2.bias": [n_embd],
+        "transformer.h.0.mlp.c_fc.weight": [2 * n_embd, n_embd], "transformer.h.0.mlp.c_fc.bias": [2 * n_embd],
+        "transformer.h.0.mlp.c_proj.weight": [n_embd, 2 * n_embd], "transformer.h.0.mlp.c_proj.bias": [n_embd],
+    }
+
+
+def test_forward_keyword_arguments_reach_every_layers_attention(model):
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, kwargs.get("engine_metadata")))
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_engine", recording)
+    AttentionMaskInterface.register("recording_engine", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation("recording_engine")
+    model(torch.tensor([[3, 4, 5]]), engine_metadata={"slot": 7})
+    assert seen == [(layer, {"slot": 7}) for layer in range(model.config.n_layer)]
+
+
+def test_the_flags_and_auto_map_engines_read(model, tmp_path):
+    assert model._supports_attention_backend and model._can_compile_fullgraph
+    model.save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_minigpt.MiniGPTModel"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_minigpt.MiniGPTForCausalLM"
+
+
+def test_continuous_batching_gives_the_greedy_tokens_of_each_prompt(lively_model):
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=1)
+    outputs = lively_model.generate_batch(inputs=PROMPTS, generation_config=config)
+    by_prompt = {tuple(output.prompt_ids): output.generated_tokens for output in outputs.values()}
+    assert by_prompt == {tuple(prompt): greedy(lively_model, prompt, 6) for prompt in PROMPTS}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_openai_client_against_transformers_serve_of_the_gpt2_export(lively_model, tokenizer, tmp_path):
+    from openai import OpenAI
+
+    lively_model.save_pretrained(tmp_path / "minigpt")
+    tokenizer.save_pretrained(tmp_path / "minigpt")
+    export = convert(tmp_path / "minigpt", tmp_path / "gpt2", to="gpt2")  # `transformers serve` loads built-ins only
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "transformers.cli.transformers", "serve", str(export), "--host", "127.0.0.1",
+         "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.time() + 120
+        while True:  # until the server answers its health check
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read()[-3000:]
+                time.sleep(0.5)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        completion = client.completions.create(model=str(export), prompt="the cat sat", max_tokens=6, temperature=0)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    prompt = tokenizer("the cat sat").input_ids
+    expected = tokenizer.decode(greedy(lively_model, prompt, 6), skip_special_tokens=True)
+    assert completion.choices[0].text.strip() == expected.strip() and expected.strip()
