@@ -213,6 +213,41 @@ def measure_generation(shape, device, batch: int, new_tokens: int, cache: str, r
                    "best_tokens_per_second": batch * new_tokens / t["min"]} for name, t in times.items()}
 
 
+def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int = 16) -> dict:
+    """Greedy decoding of `prompts` prompts of mixed length (8-64 tokens) by MiniGPT: transformers' continuous
+    batching (`generate_batch`, a paged KV cache) against `generate()` one prompt after another."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    config = config_for(shape)
+    lengths = torch.randint(8, 65, (prompts,), generator=torch.Generator().manual_seed(0))
+    inputs = [torch.randint(1, config.vocab_size, (int(n),)).tolist() for n in lengths]
+    model = build("minigpt", config, device).eval()
+    generation = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)
+    # A KV cache sized for these requests: left to itself, continuous batching sizes it from free memory, which on a
+    # CPU means most of the machine's RAM, set up again on every call.
+    pages = sum(math.ceil((len(prompt) + new_tokens) / 256) for prompt in inputs)
+    paged_cache = ContinuousBatchingConfig(num_blocks=pages, max_batch_tokens=512)
+    generated = {}
+
+    def continuous_batching():
+        outputs = model.generate_batch(inputs=inputs, generation_config=generation,
+                                       continuous_batching_config=paged_cache, progress_bar=False)
+        generated["continuous"] = sum(len(output.generated_tokens) for output in outputs.values())
+
+    def one_by_one():
+        generated["one_by_one"] = sum(
+            model.generate(torch.tensor([prompt], device=device), generation_config=generation).shape[1] - len(prompt)
+            for prompt in inputs
+        )
+
+    continuous_batching()  # warm-up: the paged cache is set up on the first call
+    times = interleaved({"continuous": timer_of(continuous_batching, device),
+                         "one_by_one": timer_of(one_by_one, device)}, repeats)
+    return {name: {"tokens_per_second": generated[name] / t["median"], "tokens": generated[name]}
+            for name, t in times.items()}
+
+
 def two_training_steps(name: str, shape, device) -> None:
     """What the memory figure measures: a model built, then two fp32 training steps (AdamW state included)."""
     model = build(name, config_for(shape), device).train()
@@ -342,6 +377,13 @@ def main(argv=None) -> None:
                 rows.append((f"{key} tokens/s", f"{results['minigpt']['tokens_per_second']:,.0f}",
                              f"{results['gpt2']['tokens_per_second']:,.0f}", "n/a",
                              ratio(results, "tokens_per_second", "gpt2"), "n/a"))
+        serving = measure_serving(shape, device, new_tokens, repeats, prompts=4 if args.quick else 16)
+        report["results"][f"serve {shape_name}"] = serving
+        label = f"serve {shape_name} {4 if args.quick else 16} mixed prompts"
+        rows.append((f"{label}, continuous batching tokens/s", f"{serving['continuous']['tokens_per_second']:,.0f}",
+                     "n/a", "n/a", "", ""))
+        rows.append((f"{label}, one by one tokens/s", f"{serving['one_by_one']['tokens_per_second']:,.0f}",
+                     "n/a", "n/a", "", ""))
     print(f"device: {machine}; torch {torch.__version__}; median of {repeats} interleaved repetitions")
     print_table(rows)
     if args.json:

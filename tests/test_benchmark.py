@@ -19,4 +19,6 @@ def test_quick_benchmark_measures_every_model(tmp_path):
                    ("minigpt", "gpt2", "nanogpt"))
     assert all(report["memory tiny"][model]["bytes"] >= 0 for model in ("minigpt", "gpt2", "nanogpt"))
     assert report["generate tiny dynamic b=8"]["minigpt"]["tokens_per_second"] > 0
+    serving = report["serve tiny"]
+    assert serving["continuous"]["tokens"] == serving["one_by_one"]["tokens"] == 4 * 8  # 4 prompts, 8 new tokens
     assert "MiniGPT/GPT2" in result.stdout and "train tiny fp32 tokens/s" in result.stdout
