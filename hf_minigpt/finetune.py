@@ -312,7 +312,7 @@ def load_classifier(args, resume, problem_type, label2id, tokenizer, say) -> Min
         transformers.logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         say(f"A new classification head ({', '.join(sorted(info['missing_keys']))}, {len(label2id)} labels) starts "
-              "from random weights; fine-tuning trains it.")
+            "from random weights; fine-tuning trains it.")
     if len(tokenizer) > model.config.vocab_size:
         raise DataError(f"The tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}.")
     return model

@@ -212,7 +212,7 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
                 try:  # (here, not at the top: remote code needs hf_minigpt only for this path)
                     from hf_minigpt.convert import gpt2_weight_conversions
                 except ImportError as error:
-                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs `pip install hf_minigpt`.") from error
+                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs hf_minigpt installed.") from error
                 with gpt2_weight_conversions(cls):
                     loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
                 model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
@@ -453,7 +453,6 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
-
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
         # Refuse in one line before the first step, not with an error at the step that runs past the positions.

@@ -68,7 +68,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validation_file", nargs="+", help="Same formats as --train_file.")
     parser.add_argument("--output_dir", required=True, help="Where the model, tokenizer, results and checkpoints go.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Start over in a non-empty --output_dir.")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8, help="Training rows per step, per process.")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8, help="Training rows per process.")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=8, help="Evaluation rows per batch.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     parser.add_argument("--learning_rate", type=float, default=5e-5, help="Peak learning rate of AdamW.")

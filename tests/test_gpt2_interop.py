@@ -322,7 +322,8 @@ def test_gpt2_language_model_loads_as_a_classifier_with_a_fresh_head(gpt2_pair):
 GPT2_FROM_HUB = r"""
 import json, sys, tempfile
 import torch
-from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification, GPT2ForTokenClassification, GPT2LMHeadModel
+from transformers import (AutoModelForCausalLM, GPT2ForSequenceClassification, GPT2ForTokenClassification,
+                          GPT2LMHeadModel)
 import hf_minigpt
 from hf_minigpt import (MiniGPTForCausalLM, MiniGPTForQuestionAnswering, MiniGPTForSequenceClassification,
                         MiniGPTForTokenClassification, MiniGPTModel)
@@ -335,7 +336,8 @@ gpt2 = GPT2LMHeadModel.from_pretrained("openai-community/gpt2").eval()
 trunk = gpt2.transformer(ids).last_hidden_state
 results = {"auto_class": type(AutoModelForCausalLM.from_pretrained("openai-community/gpt2")).__name__}
 results["lm"] = gap(MiniGPTForCausalLM.from_pretrained("openai-community/gpt2")(ids).logits, gpt2(ids).logits)
-for head in (MiniGPTModel, MiniGPTForSequenceClassification, MiniGPTForTokenClassification, MiniGPTForQuestionAnswering):
+for head in (MiniGPTModel, MiniGPTForSequenceClassification, MiniGPTForTokenClassification,
+             MiniGPTForQuestionAnswering):
     model = head.from_pretrained("openai-community/gpt2").eval()
     results[head.__name__] = gap(model.base_model(ids).last_hidden_state, trunk)
 v2 = GPT2LMHeadModel.from_pretrained("openai-community/gpt2", revision="v2")(ids).logits
