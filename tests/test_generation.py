@@ -7,7 +7,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_minigpt import MiniGPTForSequenceClassification
-from hf_minigpt.modeling_minigpt import eager_attention_forward
+from hf_minigpt.modeling_minigpt import CACHE_FIELD, eager_attention_forward
 
 from conftest import tiny_config
 
@@ -103,6 +103,16 @@ def test_beam_search_scores_are_the_log_probabilities_of_the_sequences(model):
                          num_return_sequences=3, length_penalty=0.0, output_scores=True, return_dict_in_generate=True)
     for sequence, score in zip(out.sequences, out.sequences_scores):
         assert score.item() == pytest.approx(sequence_log_prob(model, sequence[None], 4), abs=1e-4)
+
+
+def test_evaluation_and_generation_raise_no_warning(model):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        model(PROMPT, labels=PROMPT)
+        if CACHE_FIELD == "cache":  # (transformers 5.23's generate() itself passes the old name)
+            model.generate(PROMPT, max_new_tokens=4, do_sample=False)
 
 
 def test_the_old_cache_argument_name_still_works(model):
