@@ -40,9 +40,11 @@ class MiniGPTConfig(PretrainedConfig):
     model_type = "minigpt"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
     # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): every rank holds whole heads of q,
-    # k and v and a slice of the MLP; the projections back into the residual stream sum over ranks. The embeddings
-    # (and the tied LM head) stay whole, so logits need no gather.
+    # k and v and a slice of the MLP; the projections back into the residual stream sum over ranks. The token
+    # embedding, and with it the tied LM head, is split over the vocabulary (logits are gathered); positions stay
+    # whole.
     base_model_tp_plan = {
+        "wte": "embedding_rowwise",
         "h.*.attn.c_attn": "stacked_qkv_colwise",
         "h.*.attn.c_proj": "rowwise",
         "h.*.mlp.c_fc": "colwise",

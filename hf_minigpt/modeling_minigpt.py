@@ -395,6 +395,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     """MiniGPT with a language-modelling head whose weight is the token embedding (tied, as in GPT-2)."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # each rank scores a slice of the vocabulary; logits gathered
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)

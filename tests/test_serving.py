@@ -75,7 +75,7 @@ def test_tensor_parallel_over_two_processes_matches_one_process(lively_model, tm
     assert sharded["tokens"] == expected.tolist()
     n_embd = lively_model.config.n_embd  # 32: each of the two ranks holds half of every projection
     assert sharded["shapes"] == {
-        "transformer.wte.weight": [lively_model.config.vocab_size, n_embd],  # embeddings stay whole
+        "transformer.wte.weight": [11, n_embd],  # 21 tokens: 11 on rank 0, 10 on rank 1 (and the tied head alike)
         "transformer.h.0.ln_1.weight": [n_embd], "transformer.h.0.ln_1.bias": [n_embd],
         "transformer.h.0.attn.c_attn.weight": [3 * n_embd // 2, n_embd], "transformer.h.0.attn.c_attn.bias": [48],
         "transformer.h.0.attn.c_proj.weight": [n_embd, n_embd // 2], "transformer.h.0.attn.c_proj.bias": [n_embd],
