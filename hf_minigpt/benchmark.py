@@ -334,7 +334,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="Also static cache + torch.compile (default on GPU).")
-    parser.add_argument("--json", help="Write every figure to this file.")
+    parser.add_argument("--json", help="Write every figure to this file (updated after each measurement).")
+    parser.add_argument("--bf16", action="store_true", help="Measure bf16 even on a CPU without native bf16.")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
@@ -346,49 +347,102 @@ def main(argv=None) -> None:
     repeats = 1 if args.quick else args.repeats
     new_tokens = 8 if args.quick else args.new_tokens
     compile_ = args.compile or gpu
-    machine = torch.cuda.get_device_name(device) if gpu else f"{platform.processor() or platform.machine()}, " \
-        f"{torch.get_num_threads()} threads"
-    report = {"device": machine, "torch": torch.__version__, "repeats": repeats, "results": {}}
-    rows = []
+    machine = torch.cuda.get_device_name(device) if gpu else cpu_description()
+    dtypes = ["fp32", "bf16"]
+    if not gpu and not native_bf16() and not args.bf16:
+        dtypes = ["fp32"]
+        print("Skipping the bf16 rows: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 matmuls are "
+              "emulated and slow; --bf16 measures them anyway.")
+    report = Report(machine, repeats, args.json)
     for shape_name, shape in shapes.items():
-        for dtype in ("fp32", "bf16"):
+        for dtype in dtypes:
             key = f"train {shape_name} {dtype}"
+            report.say(key)
             results = measure_training(shape, device, dtype, repeats, gpu)
             peak, source = device_peak_flops(device, dtype)
             for name in results:
                 results[name]["mfu"] = results[name]["flops_per_second"] / peak
-            report["results"][key] = {**results, "peak_flops": peak, "peak_source": source}
-            rows.append((f"{key} tokens/s", *(f"{results[m]['tokens_per_second']:,.0f}" for m in MODELS),
-                         ratio(results, "tokens_per_second", "gpt2"), ratio(results, "tokens_per_second", "nanogpt")))
-            rows.append((f"{key} MFU", *(f"{results[m]['mfu']:.1%}" for m in MODELS), "", ""))
+            speeds = (f"{key} tokens/s", *(f"{results[m]['tokens_per_second']:,.0f}" for m in MODELS),
+                      ratio(results, "tokens_per_second", "gpt2"), ratio(results, "tokens_per_second", "nanogpt"))
+            report.record(key, {**results, "peak_flops": peak, "peak_source": source}, speeds,
+                          (f"{key} MFU", *(f"{results[m]['mfu']:.1%}" for m in MODELS), "", ""))
+        report.say(f"memory {shape_name}")
         memory = {name: {"bytes": peak_memory(shape, device, name)} for name in MODELS}
-        report["results"][f"memory {shape_name}"] = memory
-        rows.append((f"train {shape_name} peak memory MB", *(f"{memory[m]['bytes'] / 2**20:,.0f}" for m in MODELS),
-                     ratio(memory, "bytes", "gpt2"), ratio(memory, "bytes", "nanogpt")))
+        report.record(f"memory {shape_name}", memory,
+                      (f"train {shape_name} peak memory MB", *(f"{memory[m]['bytes'] / 2**20:,.0f}" for m in MODELS),
+                       ratio(memory, "bytes", "gpt2"), ratio(memory, "bytes", "nanogpt")))
         if shape_name not in ("small", "tiny"):
             continue
-        caches = ["dynamic", "static"]
-        for cache in caches:
+        for cache in ("dynamic", "static"):
             for batch in (1, 8):
                 key = f"generate {shape_name} {cache}{'+compile' if cache == 'static' and compile_ else ''} b={batch}"
+                report.say(key)
                 results = measure_generation(shape, device, batch, new_tokens, cache, repeats,
                                              compile_ and cache == "static")
-                report["results"][key] = results
-                rows.append((f"{key} tokens/s", f"{results['minigpt']['tokens_per_second']:,.0f}",
-                             f"{results['gpt2']['tokens_per_second']:,.0f}", "n/a",
-                             ratio(results, "tokens_per_second", "gpt2"), "n/a"))
-        serving = measure_serving(shape, device, new_tokens, repeats, prompts=4 if args.quick else 16)
-        report["results"][f"serve {shape_name}"] = serving
-        label = f"serve {shape_name} {4 if args.quick else 16} mixed prompts"
-        rows.append((f"{label}, continuous batching tokens/s", f"{serving['continuous']['tokens_per_second']:,.0f}",
-                     "n/a", "n/a", "", ""))
-        rows.append((f"{label}, one by one tokens/s", f"{serving['one_by_one']['tokens_per_second']:,.0f}",
-                     "n/a", "n/a", "", ""))
-    print(f"device: {machine}; torch {torch.__version__}; median of {repeats} interleaved repetitions")
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+                report.record(key, results, (f"{key} tokens/s", f"{results['minigpt']['tokens_per_second']:,.0f}",
+                                             f"{results['gpt2']['tokens_per_second']:,.0f}", "n/a",
+                                             ratio(results, "tokens_per_second", "gpt2"), "n/a"))
+        prompts = 4 if args.quick else 16
+        label = f"serve {shape_name} {prompts} mixed prompts"
+        report.say(label)
+        serving = measure_serving(shape, device, new_tokens, repeats, prompts=prompts)
+        report.record(f"serve {shape_name}", serving,
+                      (f"{label}, continuous batching tokens/s", f"{serving['continuous']['tokens_per_second']:,.0f}",
+                       "n/a", "n/a", "", ""),
+                      (f"{label}, one by one tokens/s", f"{serving['one_by_one']['tokens_per_second']:,.0f}",
+                       "n/a", "n/a", "", ""))
+    print(f"\ndevice: {machine}; torch {torch.__version__}; median of {repeats} interleaved repetitions")
+    print_table(report.rows)
+
+
+class Report:
+    """Says what is being measured, prints each row as soon as it is measured, and keeps `--json` up to date, so
+    that an interrupted run still leaves every figure it got."""
+
+    def __init__(self, machine: str, repeats: int, path: str | None):
+        self.data = {"device": machine, "torch": torch.__version__, "repeats": repeats, "results": {}}
+        self.rows, self.path, self.started = [], path, time.perf_counter()
+        print(f"device: {machine}; torch {torch.__version__}", flush=True)
+        print("each row as measured: MiniGPT | GPT2LMHeadModel | nanoGPT-style | MiniGPT/GPT2 | MiniGPT/nanoGPT "
+              "(the models a row measures)", flush=True)
+
+    def say(self, what: str) -> None:
+        print(f"[{time.perf_counter() - self.started:6.0f} s] measuring {what} ...", flush=True)
+
+    def record(self, key: str, results: dict, *rows: tuple) -> None:
+        self.data["results"][key] = results
+        for row in rows:
+            self.rows.append(row)
+            print("    " + row[0] + ": " + " | ".join(cell for cell in row[1:] if cell not in ("", "n/a")), flush=True)
+        if self.path:
+            with open(self.path, "w") as handle:
+                json.dump(self.data, handle, indent=2)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def native_bf16() -> bool:
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_description() -> str:
+    """The CPU model, the vector instruction sets that decide matmul speed, and the threads torch uses."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(line for line in cpuinfo if line.startswith("model name")).split(":", 1)[1].strip()
+    except (OSError, StopIteration):
+        pass
+    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
+    flags = cpu_flags()
+    sets = ", ".join(name for flag, name in names.items() if flag in flags) or "no AVX2"
+    return f"{model} ({sets}), {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":
