@@ -268,8 +268,9 @@ def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
     return Path(destination)
 
 
-def convert(source, destination, to: str | None = None) -> Path:
-    """Detect what `source` is and convert it: GPT-2 -> MiniGPT, MiniGPT -> GPT-2, nanoGPT ckpt.pt -> MiniGPT."""
+def convert(source, destination, to: str | None = None, dtype: str = "f16") -> Path:
+    """Detect what `source` is and convert it: GPT-2 -> MiniGPT, MiniGPT -> GPT-2 or GGUF (`dtype`: f32, f16 or
+    q8_0), nanoGPT ckpt.pt -> MiniGPT."""
     source = Path(source)
     if source.is_file():
         if to == "gpt2":
@@ -282,6 +283,10 @@ def convert(source, destination, to: str | None = None) -> Path:
         return convert_gpt2_to_minigpt(source, destination)
     if model_type == "minigpt" and to in (None, "gpt2"):
         return convert_minigpt_to_gpt2(source, destination)
+    if model_type == "minigpt" and to == "gguf":
+        from .gguf_export import write_gguf
+
+        return write_gguf(source, destination, dtype)
     raise CheckpointError(f"Cannot convert a '{model_type}' checkpoint in {source} to {to or 'the other format'}.")
 
 

@@ -1,4 +1,4 @@
-"""`minigpt-convert SRC DST [--to minigpt|gpt2]`: convert GPT-2, MiniGPT and nanoGPT checkpoints."""
+"""`minigpt-convert SRC DST [--to minigpt|gpt2|gguf]`: convert GPT-2, MiniGPT and nanoGPT checkpoints; export GGUF."""
 
 import argparse
 import logging
@@ -15,12 +15,15 @@ def main(argv=None):
     )
     parser.add_argument("source", help="checkpoint folder, or a nanoGPT ckpt.pt file")
     parser.add_argument("destination", help="new folder to write (must not exist or be empty)")
-    parser.add_argument("--to", choices=["minigpt", "gpt2"], help="target format (default: the other one)")
+    parser.add_argument("--to", choices=["minigpt", "gpt2", "gguf"],
+                        help="target format (default: the other one); gguf writes one llama.cpp file")
+    parser.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                        help="with --to gguf: how the weight matrices are stored (default: f16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        written = convert(args.source, args.destination, to=args.to)
-    except (CheckpointError, FileExistsError, FileNotFoundError) as error:
+        written = convert(args.source, args.destination, to=args.to, dtype=args.dtype)
+    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError, ImportError) as error:
         parser.exit(2, f"minigpt-convert: error: {error}\n")
     print(f"wrote {written}")
 

