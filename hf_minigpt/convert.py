@@ -269,8 +269,8 @@ def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
 
 
 def convert(source, destination, to: str | None = None, dtype: str = "f16") -> Path:
-    """Detect what `source` is and convert it: GPT-2 -> MiniGPT, MiniGPT -> GPT-2 or GGUF (`dtype`: f32, f16 or
-    q8_0), nanoGPT ckpt.pt -> MiniGPT."""
+    """Detect what `source` is and convert it: GPT-2 -> MiniGPT, MiniGPT -> GPT-2, GGUF (`dtype`: f32, f16 or
+    q8_0) or ONNX, nanoGPT ckpt.pt -> MiniGPT."""
     source = Path(source)
     if source.is_file():
         if to == "gpt2":
@@ -287,6 +287,10 @@ def convert(source, destination, to: str | None = None, dtype: str = "f16") -> P
         from .gguf_export import write_gguf
 
         return write_gguf(source, destination, dtype)
+    if model_type == "minigpt" and to == "onnx":
+        from .onnx_export import write_onnx
+
+        return write_onnx(source, destination)
     raise CheckpointError(f"Cannot convert a '{model_type}' checkpoint in {source} to {to or 'the other format'}.")
 
 

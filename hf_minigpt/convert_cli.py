@@ -15,8 +15,9 @@ def main(argv=None):
     )
     parser.add_argument("source", help="checkpoint folder, or a nanoGPT ckpt.pt file")
     parser.add_argument("destination", help="new folder to write (must not exist or be empty)")
-    parser.add_argument("--to", choices=["minigpt", "gpt2", "gguf"],
-                        help="target format (default: the other one); gguf writes one llama.cpp file")
+    parser.add_argument("--to", choices=["minigpt", "gpt2", "gguf", "onnx"],
+                        help="target format (default: the other one); gguf writes one llama.cpp file, onnx a folder "
+                        "with model.onnx (KV cache as inputs and outputs), config and tokenizer")
     parser.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
                         help="with --to gguf: how the weight matrices are stored (default: f16)")
     args = parser.parse_args(argv)

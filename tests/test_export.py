@@ -59,3 +59,45 @@ def test_bad_gguf_exports_are_refused_in_one_line(folder, tmp_path):
     result = convert_cli(folder, tmp_path / "out.onnx", "--to", "tflite")
     assert result.returncode == 2 and "invalid choice: 'tflite'" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "taken.gguf"]  # nothing left behind
+
+
+def test_onnx_export_runs_in_onnxruntime_with_a_kv_cache(tmp_path, tokenizer):
+    """The prompt's logits, then one decode step fed the returned cache, equal MiniGPT's (left padding included)."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    minigpt = MiniGPTForCausalLM(tiny_config(initializer_range=0.5)).eval()
+    minigpt.save_pretrained(tmp_path / "minigpt")
+    tokenizer.save_pretrained(tmp_path / "minigpt")
+    result = convert_cli(tmp_path / "minigpt", tmp_path / "onnx", "--to", "onnx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= {path.name for path in (tmp_path / "onnx").iterdir()}
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    past = [name.name for name in session.get_inputs()][3:]
+    assert past[:2] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert [output.name for output in session.get_outputs()][:2] == ["logits", "present.0.key"]
+
+    prompt = torch.tensor([[1, 1, 5, 6, 7], [8, 9, 10, 11, 12]])  # the first row left-padded
+    mask = (prompt != 1).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    heads, head_dim = minigpt.config.n_head, minigpt.config.n_embd // minigpt.config.n_head
+    empty = np.zeros((2, heads, 0, head_dim), np.float32)
+    outputs = session.run(None, {"input_ids": prompt.numpy(), "attention_mask": mask.numpy(),
+                                 "position_ids": positions.numpy(), **{name: empty for name in past}})
+    with torch.no_grad():
+        expected = minigpt(prompt, attention_mask=mask, position_ids=positions).logits
+    kept = mask.bool().numpy()
+    np.testing.assert_allclose(outputs[0][kept], expected.numpy()[kept], atol=1e-4, rtol=0)
+
+    step = torch.tensor([[13], [14]])
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    step_positions = positions[:, -1:] + 1
+    decoded = session.run(None, {"input_ids": step.numpy(), "attention_mask": step_mask.numpy(),
+                                 "position_ids": step_positions.numpy(), **dict(zip(past, outputs[1:]))})
+    with torch.no_grad():
+        expected = minigpt(torch.cat([prompt, step], 1), attention_mask=step_mask,
+                           position_ids=torch.cat([positions, step_positions], 1)).logits[:, -1:]
+    np.testing.assert_allclose(decoded[0], expected.numpy(), atol=1e-4, rtol=0)
