@@ -582,13 +582,15 @@ class TrainingRun:
                         raise Stopped(stop.requested or signal.SIGINT)
                     if step >= self.max_steps:
                         break
-                if state["batches_in_epoch"] < len(self.train_loader):
-                    break  # the last step came mid-epoch: a longer run resumes from here
-                state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
+                # An epoch cut short by the last step still ends with `after_epoch` (evaluation), but stays the
+                # current epoch, so that a longer run resumes inside it.
+                epoch_finished = state["batches_in_epoch"] >= len(self.train_loader)
+                if epoch_finished:
+                    state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
                 stop_early = after_epoch is not None and after_epoch(epoch, progress.write)
                 if args.checkpointing_steps == "epoch":
                     self.checkpoint()
-                if stop_early:
+                if stop_early or not epoch_finished:
                     break
         progress.close()
         if args.checkpointing_steps and self.last_checkpoint_step() != state["completed_steps"]:

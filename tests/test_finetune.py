@@ -350,3 +350,11 @@ def test_early_stopping_keeps_the_best_epoch(base, data, tmp_path):
     best = max(evaluated, key=lambda entry: entry["eval_accuracy"])  # the first of the best, as kept
     assert found["eval_accuracy"] == best["eval_accuracy"] and found["best_epoch"] == evaluated.index(best)
     assert evaluated[-1]["eval_accuracy"] <= best["eval_accuracy"]  # the last epoch did not improve
+
+
+def test_a_run_that_ends_mid_epoch_still_evaluates_and_saves_the_best_model(base, data, tmp_path):
+    finetune(base, "--train_file", data["train"], "--validation_file", data["validation"], "--max_train_steps", "3",
+             "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path))
+    found = results(tmp_path)
+    assert found["train_steps"] == 3 and found["best_epoch"] == 0 and "eval_accuracy" in found
+    assert (tmp_path / "model.safetensors").exists()
