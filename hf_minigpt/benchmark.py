@@ -419,28 +419,24 @@ class Report:
                 json.dump(self.data, handle, indent=2)
 
 
-def cpu_flags() -> set[str]:
+def cpuinfo(field: str) -> str:
+    """A field of the first CPU in Linux's /proc/cpuinfo ("" elsewhere)."""
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return set(next(line for line in cpuinfo if line.startswith("flags")).split(":", 1)[1].split())
+        with open("/proc/cpuinfo") as lines:
+            return next(line for line in lines if line.startswith(field)).split(":", 1)[1].strip()
     except (OSError, StopIteration):
-        return set()
+        return ""
 
 
 def native_bf16() -> bool:
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(set(cpuinfo("flags").split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def cpu_description() -> str:
     """The CPU model, the vector instruction sets that decide matmul speed, and the threads torch uses."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line for line in cpuinfo if line.startswith("model name")).split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        pass
+    model = cpuinfo("model name") or platform.processor() or platform.machine()
     names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
-    flags = cpu_flags()
+    flags = set(cpuinfo("flags").split())
     sets = ", ".join(name for flag, name in names.items() if flag in flags) or "no AVX2"
     return f"{model} ({sets}), {torch.get_num_threads()} threads"
 

@@ -1,4 +1,5 @@
-"""`minigpt-convert SRC DST [--to minigpt|gpt2|gguf]`: convert GPT-2, MiniGPT and nanoGPT checkpoints; export GGUF."""
+"""`minigpt-convert SRC DST [--to minigpt|gpt2|gguf|onnx]`: convert GPT-2, MiniGPT and nanoGPT checkpoints; export
+MiniGPT to GGUF and ONNX."""
 
 import argparse
 import logging

@@ -79,9 +79,10 @@ def write_file(path: Path, model, tokenizer, dtype: str, name: str) -> None:
         if name == "lm_head.weight":
             continue  # tied to the token embedding, which llama.cpp reads as the output matrix too
         data = tensor.float().numpy()
-        if data.ndim == 2 and name != "transformer.wpe.weight" and dtype == "f16":
+        matrix = data.ndim == 2 and name != "transformer.wpe.weight"
+        if matrix and dtype == "f16":
             writer.add_tensor(gguf_name(name), data.astype(np.float16))
-        elif data.ndim == 2 and name != "transformer.wpe.weight" and dtype == "q8_0":
+        elif matrix and dtype == "q8_0":
             quantized = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gguf_name(name), quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:

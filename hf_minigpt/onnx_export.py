@@ -5,9 +5,9 @@
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
-from .convert import atomic_folder
+from .convert import atomic_folder, copy_tokenizer_files
 from .modeling_minigpt import MiniGPTForCausalLM
 
 
@@ -56,5 +56,5 @@ def write_onnx(source, destination) -> Path:
             input_names=inputs, output_names=["logits", *cache_names("present", config.n_layer)],
         )
         config.save_pretrained(scratch)
-        AutoTokenizer.from_pretrained(source).save_pretrained(scratch)
+        copy_tokenizer_files(source, scratch)
     return Path(destination)
