@@ -115,6 +115,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
                      gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL)
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in backend["merges"]]
     writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split of text into words; without it llama.cpp splits differently
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

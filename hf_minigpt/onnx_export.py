@@ -58,3 +58,24 @@ def write_onnx(source, destination) -> Path:
         config.save_pretrained(scratch)
         copy_tokenizer_files(source, scratch)
     return Path(destination)
+
+
+def greedy_decode(session, prompt, new_tokens: int):
+    """Greedy decoding of `prompt` (int64 array, batch x length, no padding) by an onnxruntime session of the
+    export, the cache returned by each step fed to the next: the prompt followed by `new_tokens` tokens."""
+    import numpy as np
+
+    names = [item.name for item in session.get_inputs()][3:]
+    heads, head_dim = session.get_inputs()[3].shape[1], session.get_inputs()[3].shape[3]
+    batch, length = prompt.shape
+    past = {name: np.zeros((batch, heads, 0, head_dim), np.float32) for name in names}
+    tokens, positions = prompt, np.arange(length)[None].repeat(batch, 0)
+    out = [prompt]
+    for _ in range(new_tokens):
+        logits, *present = session.run(None, {"input_ids": tokens, "position_ids": positions, **past,
+                                              "attention_mask": np.ones((batch, positions[0, -1] + 1), np.int64)})
+        tokens = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        positions = positions[:, -1:] + 1
+        past = dict(zip(names, present))
+        out.append(tokens)
+    return np.concatenate(out, axis=1)

@@ -48,6 +48,23 @@ def test_gguf_reads_back_through_transformers_gguf_reader(folder, tmp_path, dtyp
     assert gguf_tokenizer(TEXT).input_ids == input_ids[0].tolist()
 
 
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-3), ("q8_0", 5e-2)])
+def test_llama_cpp_runs_the_gguf_export(folder, tmp_path, dtype, tolerance):
+    """llama.cpp itself (through llama-cpp-python, which builds llama.cpp from source: about 5 minutes on 2 cores, so
+    CI does not install it) tokenizes as the folder's tokenizer does and computes MiniGPT's logits."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
+                                    "llama-cpp-python builds llama.cpp)")
+    assert convert_cli(folder, tmp_path / "model.gguf", "--to", "gguf", "--dtype", dtype).returncode == 0
+    llama = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    minigpt, tokenizer = MiniGPTForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    input_ids = tokenizer(TEXT).input_ids
+    assert llama.tokenize(TEXT.encode(), add_bos=False) == input_ids
+    llama.eval(input_ids)
+    with torch.no_grad():
+        expected = minigpt(torch.tensor([input_ids])).logits[0]
+    torch.testing.assert_close(torch.from_numpy(llama.scores[: len(input_ids)]), expected, atol=tolerance, rtol=0)
+
 def test_bad_gguf_exports_are_refused_in_one_line(folder, tmp_path):
     (tmp_path / "taken.gguf").write_text("mine")
     result = convert_cli(folder, tmp_path / "taken.gguf", "--to", "gguf")
@@ -101,3 +118,11 @@ def test_onnx_export_runs_in_onnxruntime_with_a_kv_cache(tmp_path, tokenizer):
         expected = minigpt(torch.cat([prompt, step], 1), attention_mask=step_mask,
                            position_ids=torch.cat([positions, step_positions], 1)).logits[:, -1:]
     np.testing.assert_allclose(decoded[0], expected.numpy(), atol=1e-4, rtol=0)
+
+    # Greedy decoding through onnxruntime, each step fed the cache of the last: the tokens generate() picks.
+    from hf_minigpt.onnx_export import greedy_decode
+
+    start = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    generated = minigpt.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=6, do_sample=False,
+                                 pad_token_id=1)
+    np.testing.assert_array_equal(greedy_decode(session, start.numpy(), 6), generated.numpy())

@@ -1,0 +1,83 @@
+"""`minigpt-generate MODEL --prompt TEXT`: continue a prompt with a MiniGPT (or GPT-2) folder or hub id.
+
+    minigpt-generate runs/lang --prompt "Python" --greedy
+    minigpt-generate runs/lang --prompt "Python" --int8 --compile      # the fast CPU decode
+    minigpt-generate runs/lang --int8 --perplexity held_out.txt        # what int8 costs in perplexity
+"""
+
+import argparse
+import math
+import sys
+
+import torch
+from transformers import AutoTokenizer
+
+from .modeling_minigpt import MiniGPTForCausalLM
+from .quantize import cpu_compile_config, quantize_int8
+
+
+@torch.no_grad()
+def perplexity(model, input_ids: torch.Tensor, block_size: int) -> float:
+    """exp of the mean next-token loss over `input_ids` (1-D), read in consecutive blocks of `block_size` tokens."""
+    total, count = 0.0, 0
+    for start in range(0, len(input_ids) - 1, block_size):
+        block = input_ids[start: start + block_size + 1][None]
+        if block.shape[1] < 2:
+            break
+        logits = model(block[:, :-1]).logits.float()
+        total += torch.nn.functional.cross_entropy(logits[0], block[0, 1:], reduction="sum").item()
+        count += block.shape[1] - 1
+    return math.exp(total / count)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="minigpt-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a MiniGPT or GPT-2 folder, or a hub id")
+    parser.add_argument("--prompt", default="", help="text to continue (it follows the end-of-text token, as every "
+                        "training document does)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--greedy", action="store_true", help="the most likely token each step, instead of sampling")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--int8", action="store_true", help="int8 weight-only projections (hf_minigpt.quantize)")
+    parser.add_argument("--compile", action="store_true", help="a static KV cache and a compiled decode step")
+    parser.add_argument("--perplexity", metavar="FILE", help="instead of generating: the perplexity on this text "
+                        "file, before and after --int8")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
+        parser.error("--max_new_tokens and --top_k must be at least 1, --temperature above 0")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = MiniGPTForCausalLM.from_pretrained(args.model).eval()
+        text = open(args.perplexity, encoding="utf-8").read() if args.perplexity else None
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"minigpt-generate: error: {str(error).splitlines()[0]}\n")
+
+    if text is not None:
+        input_ids = torch.tensor([tokenizer.eos_token_id, *tokenizer(text).input_ids])
+        if len(input_ids) < 2:
+            parser.error(f"{args.perplexity} holds no text")
+        before = perplexity(model, input_ids, model.config.n_positions)
+        print(f"perplexity {before:.4f} on {len(input_ids) - 1:,} tokens of {args.perplexity}")
+        if args.int8:
+            after = perplexity(quantize_int8(model), input_ids, model.config.n_positions)
+            print(f"perplexity {after:.4f} with int8 weights ({after / before - 1:+.2%})")
+        return
+
+    if args.int8:
+        quantize_int8(model)
+    prompt = torch.tensor([[tokenizer.eos_token_id, *tokenizer(args.prompt).input_ids]])
+    options = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature,
+                                                         "top_k": args.top_k}
+    if args.compile:
+        options.update(cache_implementation="static", compile_config=cpu_compile_config())
+    torch.manual_seed(args.seed)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
+                         pad_token_id=tokenizer.eos_token_id, **options)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
