@@ -12,6 +12,7 @@ and a static cache; MFU against the device's peak (a vendor figure on GPU, measu
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import platform
@@ -19,16 +20,23 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
+from itertools import islice
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from . import MiniGPTConfig, MiniGPTForCausalLM
 from .convert import minigpt_to_gpt2_state_dict
+from .gguf_export import write_gguf
+from .onnx_export import greedy_decode, write_onnx
+from .quantize import cpu_compile_config, quantize_int8
 
 # Dense peak TFLOPS from the vendors' data sheets (no sparsity), for MFU on GPUs.
 GPU_PEAK_TFLOPS = {
@@ -309,6 +317,107 @@ def device_peak_flops(device, dtype: str) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Deployment: greedy decoding on a CPU, by every way this project offers to run a model there
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE of the 256 bytes, one merge (llama.cpp refuses a BPE without any) and EOS: all that the
+    exports need, with no training."""
+    vocab = {char: index for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab.update({"Ġt": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "t")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def installed(*packages: str) -> bool:
+    return all(importlib.util.find_spec(package) is not None for package in packages)
+
+
+ONNX_PACKAGES, LLAMA_CPP_PACKAGES = ("onnx", "onnxscript", "onnxruntime"), ("gguf", "llama_cpp")
+
+
+def export_for_deployment(shape, folder: Path) -> None:
+    """The benchmark's MiniGPT weights as a folder, then exported for the runtimes that are installed: ONNX (for
+    onnxruntime) and a q8_0 GGUF (for llama.cpp, through llama-cpp-python)."""
+    build("minigpt", config_for(shape), "cpu").save_pretrained(folder / "minigpt")
+    byte_tokenizer().save_pretrained(folder / "minigpt")
+    if installed(*ONNX_PACKAGES):
+        write_onnx(folder / "minigpt", folder / "onnx")
+    if installed(*LLAMA_CPP_PACKAGES):
+        write_gguf(folder / "minigpt", folder / "model.gguf", dtype="q8_0")
+
+
+def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats: int) -> dict:
+    """Greedy decode tokens/s (a 32-token prompt, then `new_tokens`) on the CPU: MiniGPT eager, with a static cache +
+    torch.compile, the same with int8 weights; GPT2LMHeadModel; onnxruntime on the ONNX export; llama.cpp on the
+    q8_0 GGUF (batch 1: llama-cpp-python decodes one sequence); each runtime where it is installed."""
+    cpu = torch.device("cpu")
+    config = config_for(shape)
+    prompt = torch.randint(0, 256, (batch, 32), generator=torch.Generator().manual_seed(0))
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    compiled = dict(options, cache_implementation="static", compile_config=cpu_compile_config())
+    engines = {
+        "MiniGPT eager": (build("minigpt", config, cpu).eval(), options),
+        "MiniGPT static+compile": (build("minigpt", config, cpu).eval(), compiled),
+        "MiniGPT int8 static+compile": (quantize_int8(build("minigpt", config, cpu)), compiled),
+        "GPT2LMHeadModel": (build("gpt2", config, cpu).eval(), options),
+    }
+    timers = {}
+    for name, (model, kwargs) in engines.items():
+        model.generate(prompt, **kwargs)  # warm-up (and compilation)
+        timers[name] = timer_of(lambda model=model, kwargs=kwargs: model.generate(prompt, **kwargs), cpu)
+    if (folder / "onnx").exists():
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(folder / "onnx" / "model.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        greedy_decode(session, prompt.numpy(), new_tokens)
+        timers["onnxruntime"] = timer_of(lambda: greedy_decode(session, prompt.numpy(), new_tokens), cpu)
+    if (folder / "model.gguf").exists() and batch == 1:
+        import llama_cpp
+
+        llama = llama_cpp.Llama(str(folder / "model.gguf"), n_ctx=256, n_threads=torch.get_num_threads(),
+                                verbose=False)
+
+        def llama_decode():
+            list(islice(llama.generate(prompt[0].tolist(), top_k=1, temp=0.0), new_tokens))
+
+        llama_decode()
+        timers["llama.cpp q8_0"] = timer_of(llama_decode, cpu)
+    times = interleaved(timers, repeats)
+    return {name: {"tokens_per_second": batch * new_tokens / t["median"],
+                   "best_tokens_per_second": batch * new_tokens / t["min"]} for name, t in times.items()}
+
+
+def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens: int) -> list[tuple]:
+    """The deployment table's rows at `shape`: every engine at batch 1 and 8, each batch recorded as measured."""
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        missing = [name for name, packages in (("onnxruntime", ONNX_PACKAGES), ("llama.cpp", LLAMA_CPP_PACKAGES))
+                   if not installed(*packages)]
+        report.say(f"deploy {shape_name}: exporting" + (f" (not installed, so not measured: {', '.join(missing)})"
+                                                        if missing else ""))
+        export_for_deployment(shape, Path(folder))
+        for batch in (1, 8):
+            key = f"deploy {shape_name} b={batch}"
+            report.say(f"{key}, greedy decoding")
+            results[batch] = measure_deployment(shape, Path(folder), batch, new_tokens, repeats)
+            report.record(key, results[batch])
+            print("    " + " | ".join(f"{engine} {speed['tokens_per_second']:,.0f}"
+                                      for engine, speed in results[batch].items()), flush=True)
+    rows = []
+    for engine in results[1]:
+        speeds = [results[batch].get(engine, {}).get("tokens_per_second") for batch in (1, 8)]
+        baselines = [results[batch]["GPT2LMHeadModel"]["tokens_per_second"] for batch in (1, 8)]
+        rows.append((engine, *(f"{speed:,.0f}" if speed else "n/a" for speed in speeds),
+                     *(f"{speed / baseline:.2f}x" if speed else "n/a" for speed, baseline in zip(speeds, baselines))))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -318,8 +427,12 @@ def ratio(results: dict, key: str, other: str) -> str:
     return f"{results['minigpt'][key] / results[other][key]:.2f}x"
 
 
-def print_table(rows: list[tuple]) -> None:
-    header = ("measurement", "MiniGPT", "GPT2LMHeadModel", "nanoGPT-style", "MiniGPT/GPT2", "MiniGPT/nanoGPT")
+COMPARISON = ("measurement", "MiniGPT", "GPT2LMHeadModel", "nanoGPT-style", "MiniGPT/GPT2", "MiniGPT/nanoGPT")
+DEPLOYMENT = ("greedy decode on the CPU", "b=1 tokens/s", "b=8 tokens/s", "b=1 vs GPT2LMHeadModel",
+              "b=8 vs GPT2LMHeadModel")
+
+
+def print_table(header: tuple, rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -354,6 +467,7 @@ def main(argv=None) -> None:
         print("Skipping the bf16 rows: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 matmuls are "
               "emulated and slow; --bf16 measures them anyway.")
     report = Report(machine, repeats, args.json)
+    deployment = []
     for shape_name, shape in shapes.items():
         for dtype in dtypes:
             key = f"train {shape_name} {dtype}"
@@ -371,6 +485,9 @@ def main(argv=None) -> None:
         report.record(f"memory {shape_name}", memory,
                       (f"train {shape_name} peak memory MB", *(f"{memory[m]['bytes'] / 2**20:,.0f}" for m in MODELS),
                        ratio(memory, "bytes", "gpt2"), ratio(memory, "bytes", "nanogpt")))
+        if shape_name != "small" and not gpu:
+            deployment = measure_deployments(report, shape_name, shape, repeats, new_tokens=8 if args.quick else 32)
+            deployment_shape = shape_name
         if shape_name not in ("small", "tiny"):
             continue
         for cache in ("dynamic", "static"):
@@ -392,7 +509,11 @@ def main(argv=None) -> None:
                       (f"{label}, one by one tokens/s", f"{serving['one_by_one']['tokens_per_second']:,.0f}",
                        "n/a", "n/a", "", ""))
     print(f"\ndevice: {machine}; torch {torch.__version__}; median of {repeats} interleaved repetitions")
-    print_table(report.rows)
+    print_table(COMPARISON, report.rows)
+    if not gpu and deployment:
+        print(f"\n{deployment_shape}: a 32-token prompt, then {8 if args.quick else 32} new tokens; int8: int8 "
+              "weights, bf16 activations (hf_minigpt.quantize)")
+        print_table(DEPLOYMENT, deployment)
 
 
 class Report:

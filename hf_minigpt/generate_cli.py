@@ -69,13 +69,16 @@ def main(argv=None) -> None:
     if args.int8:
         quantize_int8(model)
     prompt = torch.tensor([[tokenizer.eos_token_id, *tokenizer(args.prompt).input_ids]])
-    options = {"do_sample": False} if args.greedy else {"do_sample": True, "temperature": args.temperature,
-                                                         "top_k": args.top_k}
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
+    options = {"do_sample": False} if args.greedy else sampling
     if args.compile:
         options.update(cache_implementation="static", compile_config=cpu_compile_config())
     torch.manual_seed(args.seed)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
-                         pad_token_id=tokenizer.eos_token_id, **options)
+    try:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
+                             pad_token_id=tokenizer.eos_token_id, **options)
+    except ValueError as error:  # e.g. more tokens than the model has positions
+        parser.exit(2, f"minigpt-generate: error: {error}\n")
     print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 

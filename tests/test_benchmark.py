@@ -26,3 +26,9 @@ def test_quick_benchmark_measures_every_model(tmp_path):
     serving = report["serve tiny"]
     assert serving["continuous"]["tokens"] == serving["one_by_one"]["tokens"] == 4 * 8  # 4 prompts, 8 new tokens
     assert "MiniGPT/GPT2" in result.stdout and "train tiny fp32 tokens/s" in result.stdout
+    # The deployment table: every engine this machine has, at batch 1 and 8 (llama.cpp decodes one sequence).
+    assert "greedy decode on the CPU" in result.stdout
+    engines = {"MiniGPT eager", "MiniGPT static+compile", "MiniGPT int8 static+compile", "GPT2LMHeadModel",
+               "onnxruntime"}
+    assert engines <= set(report["deploy tiny b=1"]) and engines <= set(report["deploy tiny b=8"])
+    assert all(speed["tokens_per_second"] > 0 for speed in report["deploy tiny b=1"].values())

@@ -48,7 +48,6 @@ def test_gguf_reads_back_through_transformers_gguf_reader(folder, tmp_path, dtyp
     assert gguf_tokenizer(TEXT).input_ids == input_ids[0].tolist()
 
 
-
 @pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-3), ("q8_0", 5e-2)])
 def test_llama_cpp_runs_the_gguf_export(folder, tmp_path, dtype, tolerance):
     """llama.cpp itself (through llama-cpp-python, which builds llama.cpp from source: about 5 minutes on 2 cores, so
@@ -64,6 +63,7 @@ def test_llama_cpp_runs_the_gguf_export(folder, tmp_path, dtype, tolerance):
     with torch.no_grad():
         expected = minigpt(torch.tensor([input_ids])).logits[0]
     torch.testing.assert_close(torch.from_numpy(llama.scores[: len(input_ids)]), expected, atol=tolerance, rtol=0)
+
 
 def test_bad_gguf_exports_are_refused_in_one_line(folder, tmp_path):
     (tmp_path / "taken.gguf").write_text("mine")
