@@ -140,6 +140,11 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def adamw(model):
+    """The fused AdamW every model trains with here: what transformers' Trainer uses by default (torch >= 2.8)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+
 def train_step(model, optimizer, input_ids, autocast):
     with autocast:
         loss = loss_of(model, input_ids)
@@ -186,7 +191,7 @@ def measure_training(shape, device, dtype: str, repeats: int, gpu: bool) -> dict
     timers = {}
     for name in MODELS:
         model = build(name, config, device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = adamw(model)
         train_step(model, optimizer, input_ids, autocast)  # warm-up: allocations, kernels
         timers[name] = timer_of(lambda model=model, optimizer=optimizer: train_step(model, optimizer, input_ids,
                                                                                     autocast), device)
@@ -259,7 +264,7 @@ def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int =
 def two_training_steps(name: str, shape, device) -> None:
     """What the memory figure measures: a model built, then two fp32 training steps (AdamW state included)."""
     model = build(name, config_for(shape), device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model)
     input_ids = torch.randint(0, shape[3], batch_shape(shape, device.type == "cuda"), device=device)
     for _ in range(2):
         train_step(model, optimizer, input_ids, nullcontext())
@@ -550,7 +555,8 @@ def cpuinfo(field: str) -> str:
 
 
 def native_bf16() -> bool:
-    return bool(set(cpuinfo("flags").split()) & {"avx512_bf16", "amx_bf16"})
+    held_to_avx2 = torch.backends.cpu.get_cpu_capability() == "AVX2"  # e.g. ATEN_CPU_CAPABILITY=avx2
+    return bool(set(cpuinfo("flags").split()) & {"avx512_bf16", "amx_bf16"}) and not held_to_avx2
 
 
 def cpu_description() -> str:
@@ -559,7 +565,9 @@ def cpu_description() -> str:
     names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
     flags = set(cpuinfo("flags").split())
     sets = ", ".join(name for flag, name in names.items() if flag in flags) or "no AVX2"
-    return f"{model} ({sets}), {torch.get_num_threads()} threads"
+    # ATEN_CPU_CAPABILITY (with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS) can hold PyTorch to fewer of them.
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return f"{model} ({sets}; PyTorch kernels: {kernels}), {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

@@ -346,27 +346,40 @@ class LinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         matmul_hidden, matmul_weight = hidden.to(dtype), weight.to(dtype)
+        kept = targets != IGNORE_INDEX
+        picked = targets.clamp(min=0)
+        # d loss / d logits = (softmax - one_hot(target)) * row_weight; ignored rows weigh 0. The weight multiplies
+        # the (chunk, n_embd) operands and results, never the (chunk, vocab) gradient.
+        row_weight = (kept / num_items)[:, None]
+        # Every chunk writes its logits and log-probabilities into the same two buffers: a new (chunk, vocab)
+        # tensor per chunk costs as much in fresh pages as a pass over it.
+        chunk_shape = (min(chunk_rows, hidden.shape[0]), weight.shape[0])
+        logits_buffer = torch.empty(chunk_shape, dtype=dtype, device=hidden.device)
+        log_probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        grad_hidden, grad_weight = torch.empty_like(hidden), None
+        if with_grads:
+            grad_hidden = torch.empty_like(matmul_hidden)
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], chunk_rows):
-            rows, chunk_targets = matmul_hidden[start : start + chunk_rows], targets[start : start + chunk_rows]
-            logits = (rows @ matmul_weight.T).float()  # (chunk, vocab)
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-            kept = chunk_targets != IGNORE_INDEX
-            picked = chunk_targets.clamp(min=0)
-            target_logits = logits.gather(1, picked[:, None]).squeeze(1)
-            loss += ((log_normalizer - target_logits) * kept).sum()
+            chunk = slice(start, start + chunk_rows)
+            rows = matmul_hidden[chunk]
+            logits = torch.mm(rows, matmul_weight.T, out=logits_buffer[: len(rows)])
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[: len(rows)])
+            target_log_probs = log_probs.gather(1, picked[chunk, None]).squeeze(1)
+            loss -= (target_log_probs * kept[chunk]).sum()
             if not with_grads:
                 continue
-            # d loss / d logits = (softmax - one_hot(target)) / num_items on kept rows, 0 on ignored ones.
-            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
-            grad_logits[torch.arange(len(picked), device=picked.device), picked] -= 1
-            grad_logits = (grad_logits * (kept / num_items)[:, None]).to(dtype)
-            grad_hidden[start : start + chunk_rows] = grad_logits @ matmul_weight
-            chunk_grad_weight = grad_logits.T @ rows
-            grad_weight = chunk_grad_weight.float() if grad_weight is None else grad_weight.add_(chunk_grad_weight)
+            grad_logits = log_probs.exp_()
+            grad_logits[torch.arange(len(rows), device=rows.device), picked[chunk]] -= 1
+            grad_logits = grad_logits.to(dtype)
+            torch.mm(grad_logits, matmul_weight, out=grad_hidden[chunk]).mul_(row_weight[chunk])
+            scaled_rows = (rows * row_weight[chunk]).to(dtype)
+            if dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, scaled_rows)
+            else:  # a low-precision product, summed over the chunks in fp32
+                grad_weight += grad_logits.T @ scaled_rows
         if with_grads:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
         return loss / num_items
 
     @staticmethod
