@@ -10,24 +10,29 @@ chunks. The same script runs on CPU, one GPU or many (DDP, FSDP or DeepSpeed thr
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.compute
 import torch
 from accelerate.utils import set_seed
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from . import MiniGPTConfig, MiniGPTForCausalLM
 from .hub import add_hub_args, push_after_training
 from .model_card import file_names, optimization_rows, write_model_card
+from .tokens import ShardError, TokenBlocks, read_shard, write_shard
 from .training import (
     DataError,
     HelpFormatter,
     TrainingRun,
     add_common_args,
     check_columns,
+    expand,
     load_files,
     plot_losses,
     run_script,
@@ -41,6 +46,7 @@ EOS = "<|endoftext|>"  # GPT-2's end-of-text token, also the separator between p
 EMBEDDED_CORPUS = "the Python language reference (pydoc_data.topics)"
 # Enough optimizer steps for the default model to learn a text of a few hundred tokens by heart.
 MIN_TRAIN_STEPS = 500
+PIECE_CHARS = 2**16  # documents are tokenized in pieces of up to this many characters
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--validation_split_percentage", type=int, default=5, help="Without --validation_file.")
     data.add_argument("--block_size", type=int, help="Tokens per training sequence (default: 128, or n_positions).")
     data.add_argument("--document_masking", action="store_true", help="Attention stays inside each packed document.")
+    data.add_argument("--save_tokens", metavar="DIR", help="Keep the tokenized text as token shards in DIR "
+                      "(train.bin, validation.bin; llm.c's format), to train on again (--train_file DIR/train.bin).")
     tokenizer = parser.add_argument_group("tokenizer (default: a new byte-level BPE trained on --train_file)")
     tokenizer.add_argument("--tokenizer_name", help="An existing tokenizer folder.")
     tokenizer.add_argument("--vocab_size", type=int, default=4096, help="Size of a newly trained tokenizer.")
@@ -111,47 +119,87 @@ def train_tokenizer(texts: datasets.Dataset, column: str, vocab_size: int) -> Pr
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    batches = ([text for text in batch[column] if text] for batch in texts.iter(batch_size=1000))
+    batches = ([text for text in batch[column] if text] for batch in texts.iter(batch_size=64))
     backend.train_from_iterator(batches, trainer, length=len(texts))
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, unk_token=EOS)
 
 
-def document_positions(block: list[int], eos_token_id: int) -> list[int]:
-    """Position ids that restart at every EOS (each document's first token), so packed documents do not attend to
-    each other."""
-    positions, position = [], 0
-    for token in block:
-        position = 0 if token == eos_token_id else position + 1
-        positions.append(position)
-    return positions
+def split_documents(batch, column: str) -> dict:
+    """Each document as pieces of about PIECE_CHARS characters, cut after a newline where there is one, with a flag
+    on each document's first piece: a large file is then tokenized, and held in memory, a piece at a time."""
+    pieces, starts = [], []
+    for text in batch[column]:
+        text, start = text or "", 0
+        while start == 0 or start < len(text):
+            end = start + PIECE_CHARS
+            if end < len(text):
+                end = text.rfind("\n", start, end) + 1 or end
+            pieces.append(text[start:end])
+            starts.append(start == 0)
+            start = end
+    return {"text": pieces, "starts_document": starts}
 
 
-def tokenize_and_pack(dataset: datasets.Dataset, tokenizer, args, block_size: int, split: str) -> datasets.Dataset:
+def tokenize(texts: datasets.Dataset, tokenizer, args, split: str) -> np.memmap:
+    """The documents' token ids, each document after an EOS (GPT-2's <|endoftext|> between texts: a prompt that
+    starts a text is then [EOS, ...], as in training), as a token shard. Tokenizing runs on
+    --preprocessing_num_workers processes and is cached by `datasets`; the shard is written batch by batch."""
     eos = tokenizer.eos_token_id
 
-    def pack(batch):
-        documents = tokenizer([text or "" for text in batch[args.text_column]], verbose=False)["input_ids"]
-        # Every document starts with EOS (GPT-2's <|endoftext|> between texts): a prompt that starts a text is then
-        # [EOS, ...], as in training, at the same positions when documents are masked.
-        stream = [token for document in documents for token in [eos, *document]]
-        blocks = [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
-        if blocks and len(stream) % block_size:
-            # The tail that does not fill a block ends one more block, overlapping the one before (run_clm.py drops
-            # it: in a small corpus that can be a third of the text).
-            blocks.append(stream[-block_size:])
-        packed = {"input_ids": blocks}
-        if args.document_masking:
-            packed["position_ids"] = [document_positions(block, eos) for block in blocks]
-        return packed
+    def encode(batch):
+        ids = tokenizer(batch["text"], verbose=False)["input_ids"]
+        return {"input_ids": [[eos, *piece] if first else piece
+                              for piece, first in zip(ids, batch["starts_document"])]}
 
-    blocks = dataset.map(
-        pack,
-        batched=True,
-        batch_size=1000,
-        num_proc=args.preprocessing_num_workers,
-        remove_columns=dataset.column_names,
-        desc=f"Tokenizing and packing {split} into blocks of {block_size}",
+    tokenized = pieces(texts, args.text_column).map(
+        encode, batched=True, batch_size=64, num_proc=args.preprocessing_num_workers,
+        remove_columns=["text", "starts_document"], desc=f"Tokenizing {split}",
     )
+    batches = (pyarrow.compute.list_flatten(table["input_ids"]).to_numpy()
+               for table in tokenized.with_format("arrow").iter(batch_size=64))
+    if args.save_tokens:
+        Path(args.save_tokens).mkdir(parents=True, exist_ok=True)
+        return read_shard(write_shard(Path(args.save_tokens) / f"{split}.bin", batches, len(tokenizer)))
+    # The shard is mapped, so it may be unlinked at once (with the temporary folder): Linux keeps its pages until
+    # the mapping goes.
+    with tempfile.TemporaryDirectory(prefix="minigpt-tokens-") as folder:
+        return read_shard(write_shard(Path(folder) / f"{split}.bin", batches, len(tokenizer)))
+
+
+def token_shards(patterns: list[str] | None) -> list[str]:
+    """The files of --train_file/--validation_file when they are token shards (.bin), else []."""
+    files = expand(patterns or [])
+    return files if files and all(file.endswith(".bin") for file in files) else []
+
+
+def read_shards(patterns: list[str], tokenizer, args, block_size: int, split: str) -> TokenBlocks:
+    """Pre-tokenized shards (llm.c's .bin format), checked against the tokenizer they must have been made with."""
+    if not token_shards(patterns):
+        raise DataError("--train_file holds token shards (.bin), so --validation_file must too.")
+    shards = []
+    for file in token_shards(patterns):
+        try:
+            shard = read_shard(file)
+        except (OSError, ShardError) as error:
+            raise DataError(str(error)) from None
+        if len(shard) and int(shard.max()) >= len(tokenizer):
+            raise DataError(f"{file} holds token id {int(shard.max())}, but the tokenizer has {len(tokenizer)} "
+                            "tokens: pass the tokenizer the shards were made with (--tokenizer_name).")
+        shards.append(shard)
+    blocks = TokenBlocks(shards, block_size, tokenizer.eos_token_id if args.document_masking else None)
+    if len(blocks) == 0:
+        raise DataError(f"The {split} shards hold fewer tokens than one block of {block_size}: lower --block_size.")
+    return blocks
+
+
+def pieces(texts: datasets.Dataset, column: str) -> datasets.Dataset:
+    return texts.map(split_documents, batched=True, batch_size=1, fn_kwargs={"column": column},
+                     remove_columns=texts.column_names, desc="Cutting documents into pieces")
+
+
+def tokenize_and_pack(texts: datasets.Dataset, tokenizer, args, block_size: int, split: str) -> TokenBlocks:
+    blocks = TokenBlocks([tokenize(texts, tokenizer, args, split)], block_size,
+                         tokenizer.eos_token_id if args.document_masking else None)
     if len(blocks) == 0:
         raise DataError(f"The {split} text is shorter than one block of {block_size} tokens: lower --block_size.")
     return blocks
@@ -171,7 +219,8 @@ def split_blocks(train, validation, args, say) -> tuple[datasets.Dataset, datase
         return train, None, note
     note = f"Validation: the last {held_out} of {len(train)} packed blocks ({args.validation_split_percentage}%)."
     say(note)
-    return train.select(range(len(train) - held_out)), train.select(range(len(train) - held_out, len(train))), note
+    kept = len(train) - held_out
+    return Subset(train, range(kept)), Subset(train, range(kept, len(train))), note
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,10 +236,13 @@ def load_tokenizer(args, train: datasets.Dataset, resume: Path | None, accelerat
         if tokenizer.eos_token_id is None:
             raise DataError(f"The tokenizer from {source} has no EOS token to separate documents with.")
         return tokenizer
+    if train is None:
+        raise DataError("--train_file holds token shards: pass the tokenizer that made them (--tokenizer_name or "
+                        "--model_name_or_path).")
     # The main process trains it, the others read what it saved: every process must hold the same vocabulary.
     with accelerator.main_process_first():
         if accelerator.is_main_process:
-            tokenizer = train_tokenizer(train, args.text_column, args.vocab_size)
+            tokenizer = train_tokenizer(pieces(train, args.text_column), "text", args.vocab_size)
             tokenizer.save_pretrained(args.output_dir)
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
@@ -253,25 +305,31 @@ def perplexity(loss: float) -> float:
 
 def train(args) -> dict:
     accelerator, resume = start(args)
-    train_texts, validation_texts = load_corpus(args)
+    pretokenized = bool(token_shards(args.train_file))
+    train_texts, validation_texts = (None, None) if pretokenized else load_corpus(args)
     tokenizer = load_tokenizer(args, train_texts, resume, accelerator)
     model = load_model(args, tokenizer, resume)
     block_size = pick_block_size(args, model)
     with accelerator.main_process_first():  # the others then read the `datasets` cache
-        train_blocks = tokenize_and_pack(train_texts, tokenizer, args, block_size, "train")
-        validation_blocks = None
-        if validation_texts is not None:
-            validation_blocks = tokenize_and_pack(validation_texts, tokenizer, args, block_size, "validation")
+        if pretokenized:
+            train_blocks = read_shards(args.train_file, tokenizer, args, block_size, "train")
+            validation_blocks = args.validation_file and read_shards(
+                args.validation_file, tokenizer, args, block_size, "validation")
+        else:
+            train_blocks = tokenize_and_pack(train_texts, tokenizer, args, block_size, "train")
+            validation_blocks = None
+            if validation_texts is not None:
+                validation_blocks = tokenize_and_pack(validation_texts, tokenizer, args, block_size, "validation")
     train_blocks, validation_blocks, validation_note = split_blocks(
         train_blocks, validation_blocks, args, accelerator.print
     )
     eval_loader = None
     if validation_blocks is not None:
-        eval_loader = DataLoader(validation_blocks.with_format("torch"), batch_size=args.per_device_eval_batch_size)
+        eval_loader = DataLoader(validation_blocks, batch_size=args.per_device_eval_batch_size)
 
     run = TrainingRun(
         accelerator, args, model, tokenizer,
-        train_loader(train_blocks.with_format("torch"), args.per_device_train_batch_size), eval_loader,
+        train_loader(train_blocks, args.per_device_train_batch_size), eval_loader,
         resume=resume, geometry={"block_size": block_size}, unit="tokens",
         items_per_batch=args.per_device_train_batch_size * block_size, name="minigpt-pretrain",
     )
@@ -336,7 +394,9 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, seed: int) 
 
 
 def write_pretraining_card(args, model, results, samples, block_size, validation_note: str) -> None:
-    if args.train_file:
+    if token_shards(args.train_file):
+        training_data = f"Token shards from {file_names(args.train_file)}."
+    elif args.train_file:
         training_data = f"Plain text from {file_names(args.train_file)}."
     else:
         training_data = f"The text of {EMBEDDED_CORPUS}, one document per topic, which ships with every Python."

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -15,7 +16,8 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_minigpt.pretrain import document_positions, main, parse_args, tokenize_and_pack
+from hf_minigpt.pretrain import main, parse_args, tokenize_and_pack
+from hf_minigpt.tokens import document_positions
 from hf_minigpt.training import Stopped, list_checkpoints
 
 from conftest import tiny_config
@@ -55,21 +57,22 @@ def test_documents_are_joined_with_eos_and_packed(tokenizer):
     blocks = tokenize_and_pack(texts, tokenizer, args, block_size=4, split="train")
     # Each document starts with EOS; the tail ("red mat") ends one more block, overlapping the one before.
     expected = "<eos> the cat sat | <eos> a dog ran | away fast <eos> big | <eos> big red mat"
-    assert [tokenizer.convert_ids_to_tokens(block) for block in blocks["input_ids"]] == [
+    assert [tokenizer.convert_ids_to_tokens(block["input_ids"].tolist()) for block in blocks] == [
         block.split() for block in expected.split(" | ")
     ]
     # Positions restart at each EOS, counted from the start of the block.
-    assert blocks["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 0, 1], [0, 1, 2, 3]]
+    assert [block["position_ids"].tolist() for block in blocks] == [[0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 0, 1],
+                                                                    [0, 1, 2, 3]]
 
 
 def test_document_positions_restart_at_each_eos():
-    assert document_positions([5, 6, 0, 7, 0, 0, 8], eos_token_id=0) == [1, 2, 0, 1, 0, 0, 1]
+    assert document_positions(torch.tensor([5, 6, 0, 7, 0, 0, 8]), eos_token_id=0).tolist() == [1, 2, 0, 1, 0, 0, 1]
 
 
 def test_document_masking_keeps_packed_documents_apart(model):
     first, second = torch.tensor([[0, 3, 5, 7]]), torch.tensor([[0, 4, 6, 8, 9, 10]])
     packed = torch.cat([first, second], dim=1)
-    positions = torch.tensor([document_positions(packed[0].tolist(), eos_token_id=0)])
+    positions = document_positions(packed[0], eos_token_id=0)[None]
     with torch.no_grad():
         # Packed documents are recognised from restarting positions when there is no cache (training).
         logits = model(packed, position_ids=positions, use_cache=False).logits
@@ -327,3 +330,42 @@ def test_data_files_by_glob_saved_folder_and_compression(tmp_path):
 
     (tmp_path / "rows.csv.bz2").write_bytes(bz2.compress(b"text,label\nthe cat,1\n"))
     assert load_files([str(tmp_path / "rows.csv.bz2")], "train")["text"] == ["the cat"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token shards
+
+
+def test_token_shards_are_llm_c_bin_files(tmp_path):
+    from hf_minigpt.tokens import read_shard, write_shard
+
+    small = write_shard(tmp_path / "small.bin", [[50256, 1, 2], [3]], vocab_size=50257)
+    header = np.fromfile(small, dtype=np.int32, count=256)
+    assert header[:3].tolist() == [20240520, 1, 4] and not header[3:].any()  # llm.c's GPT-2 header
+    assert np.fromfile(small, dtype=np.uint16, offset=1024).tolist() == [50256, 1, 2, 3]
+    large = write_shard(tmp_path / "large.bin", [[128000, 7]], vocab_size=128256)  # uint32, as llm.c's Llama 3
+    assert np.fromfile(large, dtype=np.int32, count=3).tolist() == [20240801, 7, 2]
+    assert read_shard(large).tolist() == [128000, 7] and read_shard(small).dtype == np.uint16
+    (tmp_path / "text.bin").write_bytes(b"not tokens" * 200)
+    with pytest.raises(ValueError, match="text.bin is not a token shard"):
+        read_shard(tmp_path / "text.bin")
+    (tmp_path / "cut.bin").write_bytes(small.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="the header says 4 tokens, but the file has 1030 bytes"):
+        read_shard(tmp_path / "cut.bin")
+
+
+def test_training_on_saved_token_shards_repeats_the_text_run(tmp_path):
+    """--save_tokens keeps the tokenized corpus; training on it (memory-mapped) repeats the text run's losses."""
+    common = ["--max_train_steps", "6", "--validation_split_percentage", "10"]
+    pretrain(*common, "--save_tokens", str(tmp_path / "tokens"), "--output_dir", str(tmp_path / "text"))
+    assert sorted(path.name for path in (tmp_path / "tokens").iterdir()) == ["train.bin"]
+    again = pretrain(*common, "--train_file", str(tmp_path / "tokens" / "train.bin"),
+                     "--tokenizer_name", str(tmp_path / "text"), "--output_dir", str(tmp_path / "shards"))
+    assert losses(tmp_path / "shards") == losses(tmp_path / "text")
+    assert "Token shards from `train.bin`" in (tmp_path / "shards" / "README.md").read_text()
+    assert "training blocks" in again.stdout
+
+    result = pretrain(*common, "--train_file", str(tmp_path / "tokens" / "train.bin"),
+                      "--output_dir", str(tmp_path / "no_tokenizer"), check=False)
+    assert result.returncode == 1 and "pass the tokenizer that made them" in result.stderr
+    assert not (tmp_path / "no_tokenizer").exists()
