@@ -423,6 +423,73 @@ def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# End to end: minigpt-pretrain against transformers' Trainer training GPT2LMHeadModel, script against script, on the
+# same token shard (the embedded corpus), model shape, batch, schedule and steps; each in a fresh process.
+
+END_TO_END_STEPS = 20
+
+
+def end_to_end_flags(shape) -> list[str]:
+    n_layer, n_head, n_embd, _, batch, _, block, _ = shape
+    return ["--n_layer", str(n_layer), "--n_head", str(n_head), "--n_embd", str(n_embd), "--block_size", str(block),
+            "--per_device_train_batch_size", str(batch), "--learning_rate", "6e-4", "--weight_decay", "0.1",
+            "--lr_scheduler_type", "cosine", "--num_warmup_steps", "2"]
+
+
+def measure_end_to_end(shape, folder: Path, steps: int) -> dict:
+    """Training tokens/s as each script reports it, and each process's peak RSS."""
+    tokens = folder / "tokens"
+    prepare = [sys.executable, "-m", "hf_minigpt.pretrain", "--max_train_steps", "1", "--vocab_size", str(shape[3]),
+               "--save_tokens", str(tokens), "--output_dir", str(folder / "tokenizer"), "--prompts",
+               *end_to_end_flags(shape)]
+    subprocess.run(prepare, capture_output=True, check=True)  # the tokenizer and the shard both scripts read
+    results = {}
+    for name in ("minigpt-pretrain", "Trainer"):
+        child = [sys.executable, "-m", "hf_minigpt.benchmark", "--_end_to_end_child", name, json.dumps(shape),
+                 str(folder), str(steps)]
+        results[name] = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout
+                                   .splitlines()[-1])
+    return results
+
+
+def end_to_end_child(name: str, shape, folder: Path, steps: int) -> None:
+    flags = end_to_end_flags(shape)
+    options = dict(zip(flags[::2], flags[1::2]))
+    output_dir = folder / name
+    if name == "minigpt-pretrain":
+        from .pretrain import main as pretrain
+
+        pretrain(["--train_file", str(folder / "tokens" / "train.bin"), "--tokenizer_name", str(folder / "tokenizer"),
+                  "--max_train_steps", str(steps), "--output_dir", str(output_dir), "--prompts", *flags])
+        tokens_per_second = json.loads((output_dir / "all_results.json").read_text())["train_tokens_per_second"]
+    else:
+        from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+        from .tokens import TokenBlocks, read_shard
+
+        class LabelledBlocks(TokenBlocks):  # a causal LM's labels are its inputs; GPT-2 shifts them
+            def __getitem__(self, index):
+                block = super().__getitem__(index)
+                return {**block, "labels": block["input_ids"]}
+
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        block_size = int(options["--block_size"])
+        data = LabelledBlocks([read_shard(folder / "tokens" / "train.bin")], block_size)
+        config = GPT2Config(n_layer=shape[0], n_head=shape[1], n_embd=shape[2], vocab_size=len(tokenizer),
+                            n_positions=block_size, bos_token_id=tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)
+        arguments = TrainingArguments(
+            output_dir=str(output_dir), per_device_train_batch_size=int(options["--per_device_train_batch_size"]),
+            max_steps=steps, learning_rate=float(options["--learning_rate"]), weight_decay=0.1,
+            lr_scheduler_type="cosine", warmup_steps=2, logging_steps=steps, save_strategy="no", report_to="none",
+            use_cpu=True, disable_tqdm=True,
+        )
+        metrics = Trainer(model=GPT2LMHeadModel(config), args=arguments, train_dataset=data).train().metrics
+        tokens_per_second = metrics["train_samples_per_second"] * block_size
+    print(json.dumps({"tokens_per_second": tokens_per_second, "peak_rss": peak_rss()}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -454,10 +521,16 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="Also static cache + torch.compile (default on GPU).")
     parser.add_argument("--json", help="Write every figure to this file (updated after each measurement).")
     parser.add_argument("--bf16", action="store_true", help="Measure bf16 even on a CPU without native bf16.")
+    parser.add_argument("--end_to_end", action="store_true", help="Also minigpt-pretrain against transformers' "
+                        f"Trainer (GPT2LMHeadModel), {END_TO_END_STEPS} steps each at every shape (minutes at 124M).")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_end_to_end_child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]))
+    if args._end_to_end_child:
+        name, shape, folder, steps = args._end_to_end_child
+        return end_to_end_child(name, json.loads(shape), Path(folder), int(steps))
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -490,6 +563,17 @@ def main(argv=None) -> None:
         report.record(f"memory {shape_name}", memory,
                       (f"train {shape_name} peak memory MB", *(f"{memory[m]['bytes'] / 2**20:,.0f}" for m in MODELS),
                        ratio(memory, "bytes", "gpt2"), ratio(memory, "bytes", "nanogpt")))
+        if args.end_to_end:
+            report.say(f"end to end {shape_name}: minigpt-pretrain, then Trainer, {END_TO_END_STEPS} steps each")
+            with tempfile.TemporaryDirectory() as folder:
+                scripts = measure_end_to_end(shape, Path(folder), END_TO_END_STEPS)
+            scripts = {"minigpt": scripts["minigpt-pretrain"], "gpt2": scripts["Trainer"]}
+            label = f"end to end {shape_name}, minigpt-pretrain | Trainer"
+            report.record(f"end to end {shape_name}", scripts,
+                          (f"{label} tokens/s", *(f"{scripts[m]['tokens_per_second']:,.0f}" for m in MODELS[:2]),
+                           "n/a", ratio(scripts, "tokens_per_second", "gpt2"), "n/a"),
+                          (f"{label} peak RSS MB", *(f"{scripts[m]['peak_rss'] / 2**20:,.0f}" for m in MODELS[:2]),
+                           "n/a", ratio(scripts, "peak_rss", "gpt2"), "n/a"))
         if shape_name != "small" and not gpu:
             deployment = measure_deployments(report, shape_name, shape, repeats, new_tokens=8 if args.quick else 32)
             deployment_shape = shape_name

@@ -52,7 +52,7 @@ def write_onnx(source, destination) -> Path:
     inputs = ["input_ids", "attention_mask", "position_ids", *cache_names("past_key_values", config.n_layer)]
     with atomic_folder(destination) as scratch:
         torch.onnx.export(
-            WithFlatCache(model), example, scratch / "model.onnx", dynamo=True, dynamic_shapes=dynamic_shapes,
+            WithFlatCache(model).eval(), example, scratch / "model.onnx", dynamo=True, dynamic_shapes=dynamic_shapes,
             input_names=inputs, output_names=["logits", *cache_names("present", config.n_layer)],
         )
         config.save_pretrained(scratch)

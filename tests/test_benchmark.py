@@ -11,8 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
 def test_quick_benchmark_measures_every_model(tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(tmp_path / "b.json")],
-                            capture_output=True, text=True, timeout=600)
+    command = [sys.executable, str(SCRIPT), "--quick", "--end_to_end", "--json", str(tmp_path / "b.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "b.json").read_text())["results"]
     # It says what it measures as it goes, on which CPU (instruction sets named), and skips emulated bf16.
@@ -32,3 +32,7 @@ def test_quick_benchmark_measures_every_model(tmp_path):
                "onnxruntime"}
     assert engines <= set(report["deploy tiny b=1"]) and engines <= set(report["deploy tiny b=8"])
     assert all(speed["tokens_per_second"] > 0 for speed in report["deploy tiny b=1"].values())
+    # Script against script: minigpt-pretrain and transformers' Trainer on the same token shard.
+    end_to_end = report["end to end tiny"]
+    assert all(end_to_end[side]["tokens_per_second"] > 0 and end_to_end[side]["peak_rss"] > 2**20
+               for side in ("minigpt", "gpt2"))
