@@ -490,6 +490,40 @@ def end_to_end_child(name: str, shape, folder: Path, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Data scale: minigpt-pretrain's peak memory and speed as the corpus grows (a .txt file = one document).
+
+
+def measure_data_scale(sizes_mb: tuple, folder: Path) -> dict:
+    """For each size: peak RSS and wall time of `minigpt-pretrain` training a new tokenizer on, tokenizing and
+    taking 5 steps over one text file of that many MB (the embedded corpus, repeated), each in a fresh process."""
+    from .pretrain import embedded_corpus
+
+    text = "\n\n".join(embedded_corpus()["text"])
+    results = {}
+    for size in sizes_mb:
+        corpus = folder / f"corpus_{size}MB.txt"
+        with open(corpus, "w") as handle:
+            for _ in range(math.ceil(size * 2**20 / len(text))):
+                handle.write(text)
+        flags = ["--train_file", str(corpus), "--max_train_steps", "5", "--n_layer", "2", "--n_head", "2",
+                 "--n_embd", "64", "--block_size", "128", "--output_dir", str(folder / f"run_{size}MB"), "--prompts"]
+        child = [sys.executable, "-m", "hf_minigpt.benchmark", "--_data_scale_child", json.dumps(flags)]
+        started = time.perf_counter()
+        report = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        seconds = time.perf_counter() - started
+        results[f"{size} MB"] = {"peak_rss": report["peak_rss"], "seconds": seconds,
+                                 "mb_per_second": corpus.stat().st_size / 2**20 / seconds}
+    return results
+
+
+def data_scale_child(flags: list[str]) -> None:
+    from .pretrain import main as pretrain
+
+    pretrain(flags)
+    print(json.dumps({"peak_rss": peak_rss()}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -523,11 +557,16 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action="store_true", help="Measure bf16 even on a CPU without native bf16.")
     parser.add_argument("--end_to_end", action="store_true", help="Also minigpt-pretrain against transformers' "
                         f"Trainer (GPT2LMHeadModel), {END_TO_END_STEPS} steps each at every shape (minutes at 124M).")
+    parser.add_argument("--data_scale", action="store_true", help="Also minigpt-pretrain's peak memory and speed on "
+                        "a 10 MB and a 100 MB text file (about 2 minutes).")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_data_scale_child", help=argparse.SUPPRESS)
     parser.add_argument("--_end_to_end_child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]))
+    if args._data_scale_child:
+        return data_scale_child(json.loads(args._data_scale_child))
     if args._end_to_end_child:
         name, shape, folder, steps = args._end_to_end_child
         return end_to_end_child(name, json.loads(shape), Path(folder), int(steps))
@@ -597,8 +636,22 @@ def main(argv=None) -> None:
                        "n/a", "n/a", "", ""),
                       (f"{label}, one by one tokens/s", f"{serving['one_by_one']['tokens_per_second']:,.0f}",
                        "n/a", "n/a", "", ""))
+    if args.data_scale:
+        sizes = (0.2, 2) if args.quick else (10, 100)
+        report.say(f"data scale: minigpt-pretrain on {sizes[0]} MB and {sizes[1]} MB of text")
+        with tempfile.TemporaryDirectory() as folder:
+            scale = measure_data_scale(sizes, Path(folder))
+        report.record("data scale", scale)
+        data_scale = [(size, f"{figures['peak_rss'] / 2**20:,.0f}", f"{figures['seconds']:.0f}",
+                       f"{figures['mb_per_second']:.2f}") for size, figures in scale.items()]
+        small, large = scale.values()
+        growth = large["peak_rss"] / small["peak_rss"]
+        print(f"    peak RSS {growth:.2f}x from {sizes[0]} MB to {sizes[1]} MB", flush=True)
     print(f"\ndevice: {machine}; torch {torch.__version__}; median of {repeats} interleaved repetitions")
     print_table(COMPARISON, report.rows)
+    if args.data_scale:
+        print("\nminigpt-pretrain, new tokenizer, 5 steps of a 2x64 model, block 128; one .txt file of:")
+        print_table(("text", "peak RSS MB", "seconds", "MB/s (whole run)"), data_scale)
     if not gpu and deployment:
         print(f"\n{deployment_shape}: a 32-token prompt, then {8 if args.quick else 32} new tokens; int8: int8 "
               "weights, bf16 activations (hf_minigpt.quantize)")

@@ -11,7 +11,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
 def test_quick_benchmark_measures_every_model(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--quick", "--end_to_end", "--json", str(tmp_path / "b.json")]
+    command = [sys.executable, str(SCRIPT), "--quick", "--end_to_end", "--data_scale", "--json",
+               str(tmp_path / "b.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "b.json").read_text())["results"]
@@ -36,3 +37,6 @@ def test_quick_benchmark_measures_every_model(tmp_path):
     end_to_end = report["end to end tiny"]
     assert all(end_to_end[side]["tokens_per_second"] > 0 and end_to_end[side]["peak_rss"] > 2**20
                for side in ("minigpt", "gpt2"))
+    # Data scale: minigpt-pretrain on two sizes of text, each in a fresh process.
+    assert set(report["data scale"]) == {"0.2 MB", "2 MB"} and "MB/s (whole run)" in result.stdout
+    assert all(run["peak_rss"] > 2**20 and run["mb_per_second"] > 0 for run in report["data scale"].values())
