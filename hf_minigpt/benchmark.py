@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -494,8 +495,8 @@ def end_to_end_child(name: str, shape, folder: Path, steps: int) -> None:
 
 
 def measure_data_scale(sizes_mb: tuple, folder: Path) -> dict:
-    """For each size: peak RSS and wall time of `minigpt-pretrain` training a new tokenizer on, tokenizing and
-    taking 5 steps over one text file of that many MB (the embedded corpus, repeated), each in a fresh process."""
+    """For each size: peak RSS and wall time of `minigpt-pretrain`, as a user runs it, training a new tokenizer on,
+    tokenizing and taking 5 steps over one text file of that many MB (the embedded corpus, repeated)."""
     from .pretrain import embedded_corpus
 
     text = "\n\n".join(embedded_corpus()["text"])
@@ -505,22 +506,20 @@ def measure_data_scale(sizes_mb: tuple, folder: Path) -> dict:
         with open(corpus, "w") as handle:
             for _ in range(math.ceil(size * 2**20 / len(text))):
                 handle.write(text)
-        flags = ["--train_file", str(corpus), "--max_train_steps", "5", "--n_layer", "2", "--n_head", "2",
-                 "--n_embd", "64", "--block_size", "128", "--output_dir", str(folder / f"run_{size}MB"), "--prompts"]
-        child = [sys.executable, "-m", "hf_minigpt.benchmark", "--_data_scale_child", json.dumps(flags)]
+        command = [sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(corpus), "--max_train_steps",
+                   "5", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "128", "--output_dir",
+                   str(folder / f"run_{size}MB"), "--prompts"]
+        log = folder / f"run_{size}MB.log"
         started = time.perf_counter()
-        report = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        with open(log, "w") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS
         seconds = time.perf_counter() - started
-        results[f"{size} MB"] = {"peak_rss": report["peak_rss"], "seconds": seconds,
+        if status != 0:
+            raise RuntimeError(f"minigpt-pretrain failed on {size} MB:\n{log.read_text()[-3000:]}")
+        results[f"{size} MB"] = {"peak_rss": usage.ru_maxrss * 1024, "seconds": seconds,
                                  "mb_per_second": corpus.stat().st_size / 2**20 / seconds}
     return results
-
-
-def data_scale_child(flags: list[str]) -> None:
-    from .pretrain import main as pretrain
-
-    pretrain(flags)
-    print(json.dumps({"peak_rss": peak_rss()}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -560,13 +559,10 @@ def main(argv=None) -> None:
     parser.add_argument("--data_scale", action="store_true", help="Also minigpt-pretrain's peak memory and speed on "
                         "a 10 MB and a 100 MB text file (about 2 minutes).")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--_data_scale_child", help=argparse.SUPPRESS)
     parser.add_argument("--_end_to_end_child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]))
-    if args._data_scale_child:
-        return data_scale_child(json.loads(args._data_scale_child))
     if args._end_to_end_child:
         name, shape, folder, steps = args._end_to_end_child
         return end_to_end_child(name, json.loads(shape), Path(folder), int(steps))
