@@ -213,10 +213,7 @@ def measure_generation(shape, device, batch: int, new_tokens: int, cache: str, r
     if cache == "static":
         options["cache_implementation"] = "static"
         if compile_:
-            from transformers import CompileConfig
-
-            options["compile_config"] = CompileConfig(fullgraph=True)
-            options["compile_config"]._compile_all_devices = True  # generate() compiles on GPUs only, otherwise
+            options["compile_config"] = cpu_compile_config()  # on GPUs too: generate() would compile there anyway
     timers = {}
     for name in ("minigpt", "gpt2"):
         model = build(name, config, device).eval()
@@ -437,57 +434,64 @@ def end_to_end_flags(shape) -> list[str]:
             "--lr_scheduler_type", "cosine", "--num_warmup_steps", "2"]
 
 
+def run_measured(command: list[str], log: Path) -> dict:
+    """Runs `command` in its own process, its output into `log`; its wall time and its own peak RSS (from wait4)."""
+    started = time.perf_counter()
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} failed:\n{log.read_text()[-3000:]}")
+    return {"seconds": time.perf_counter() - started, "peak_rss": usage.ru_maxrss * 1024}
+
+
 def measure_end_to_end(shape, folder: Path, steps: int) -> dict:
     """Training tokens/s as each script reports it, and each process's peak RSS."""
-    tokens = folder / "tokens"
-    prepare = [sys.executable, "-m", "hf_minigpt.pretrain", "--max_train_steps", "1", "--vocab_size", str(shape[3]),
-               "--save_tokens", str(tokens), "--output_dir", str(folder / "tokenizer"), "--prompts",
-               *end_to_end_flags(shape)]
-    subprocess.run(prepare, capture_output=True, check=True)  # the tokenizer and the shard both scripts read
-    results = {}
-    for name in ("minigpt-pretrain", "Trainer"):
-        child = [sys.executable, "-m", "hf_minigpt.benchmark", "--_end_to_end_child", name, json.dumps(shape),
-                 str(folder), str(steps)]
-        results[name] = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout
-                                   .splitlines()[-1])
-    return results
+    tokens, tokenizer = folder / "tokens", folder / "tokenizer"
+    flags = end_to_end_flags(shape)
+    # The tokenizer and the shard both scripts read.
+    run_measured([sys.executable, "-m", "hf_minigpt.pretrain", "--max_train_steps", "1", "--vocab_size",
+                  str(shape[3]), "--save_tokens", str(tokens), "--output_dir", str(tokenizer), "--prompts", *flags],
+                 folder / "prepare.log")
+    minigpt = run_measured([sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(tokens / "train.bin"),
+                            "--tokenizer_name", str(tokenizer), "--max_train_steps", str(steps), "--output_dir",
+                            str(folder / "minigpt"), "--prompts", *flags], folder / "minigpt.log")
+    minigpt["tokens_per_second"] = json.loads((folder / "minigpt" / "all_results.json").read_text())[
+        "train_tokens_per_second"]
+    trainer = run_measured([sys.executable, "-m", "hf_minigpt.benchmark", "--_trainer_child", json.dumps(shape),
+                            str(folder), str(steps)], folder / "trainer.log")
+    trainer["tokens_per_second"] = json.loads((folder / "trainer.log").read_text().splitlines()[-1])[
+        "tokens_per_second"]
+    return {"minigpt-pretrain": minigpt, "Trainer": trainer}
 
 
-def end_to_end_child(name: str, shape, folder: Path, steps: int) -> None:
+def trainer_child(shape, folder: Path, steps: int) -> None:
+    """transformers' Trainer training GPT2LMHeadModel on the shard, as a transformers user would."""
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    from .tokens import TokenBlocks, read_shard
+
+    class LabelledBlocks(TokenBlocks):  # a causal LM's labels are its inputs; GPT-2 shifts them
+        def __getitem__(self, index):
+            block = super().__getitem__(index)
+            return {**block, "labels": block["input_ids"]}
+
     flags = end_to_end_flags(shape)
     options = dict(zip(flags[::2], flags[1::2]))
-    output_dir = folder / name
-    if name == "minigpt-pretrain":
-        from .pretrain import main as pretrain
-
-        pretrain(["--train_file", str(folder / "tokens" / "train.bin"), "--tokenizer_name", str(folder / "tokenizer"),
-                  "--max_train_steps", str(steps), "--output_dir", str(output_dir), "--prompts", *flags])
-        tokens_per_second = json.loads((output_dir / "all_results.json").read_text())["train_tokens_per_second"]
-    else:
-        from transformers import AutoTokenizer, Trainer, TrainingArguments
-
-        from .tokens import TokenBlocks, read_shard
-
-        class LabelledBlocks(TokenBlocks):  # a causal LM's labels are its inputs; GPT-2 shifts them
-            def __getitem__(self, index):
-                block = super().__getitem__(index)
-                return {**block, "labels": block["input_ids"]}
-
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-        block_size = int(options["--block_size"])
-        data = LabelledBlocks([read_shard(folder / "tokens" / "train.bin")], block_size)
-        config = GPT2Config(n_layer=shape[0], n_head=shape[1], n_embd=shape[2], vocab_size=len(tokenizer),
-                            n_positions=block_size, bos_token_id=tokenizer.eos_token_id,
-                            eos_token_id=tokenizer.eos_token_id)
-        arguments = TrainingArguments(
-            output_dir=str(output_dir), per_device_train_batch_size=int(options["--per_device_train_batch_size"]),
-            max_steps=steps, learning_rate=float(options["--learning_rate"]), weight_decay=0.1,
-            lr_scheduler_type="cosine", warmup_steps=2, logging_steps=steps, save_strategy="no", report_to="none",
-            use_cpu=True, disable_tqdm=True,
-        )
-        metrics = Trainer(model=GPT2LMHeadModel(config), args=arguments, train_dataset=data).train().metrics
-        tokens_per_second = metrics["train_samples_per_second"] * block_size
-    print(json.dumps({"tokens_per_second": tokens_per_second, "peak_rss": peak_rss()}))
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    block_size = int(options["--block_size"])
+    data = LabelledBlocks([read_shard(folder / "tokens" / "train.bin")], block_size)
+    config = GPT2Config(n_layer=shape[0], n_head=shape[1], n_embd=shape[2], vocab_size=len(tokenizer),
+                        n_positions=block_size, bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    arguments = TrainingArguments(
+        output_dir=str(folder / "trainer"), per_device_train_batch_size=int(options["--per_device_train_batch_size"]),
+        max_steps=steps, learning_rate=float(options["--learning_rate"]), weight_decay=0.1,
+        lr_scheduler_type="cosine", warmup_steps=2, logging_steps=steps, save_strategy="no", report_to="none",
+        use_cpu=True, disable_tqdm=True,
+    )
+    metrics = Trainer(model=GPT2LMHeadModel(config), args=arguments, train_dataset=data).train().metrics
+    print(json.dumps({"tokens_per_second": metrics["train_samples_per_second"] * block_size}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -509,16 +513,8 @@ def measure_data_scale(sizes_mb: tuple, folder: Path) -> dict:
         command = [sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(corpus), "--max_train_steps",
                    "5", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "128", "--output_dir",
                    str(folder / f"run_{size}MB"), "--prompts"]
-        log = folder / f"run_{size}MB.log"
-        started = time.perf_counter()
-        with open(log, "w") as output:
-            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS
-        seconds = time.perf_counter() - started
-        if status != 0:
-            raise RuntimeError(f"minigpt-pretrain failed on {size} MB:\n{log.read_text()[-3000:]}")
-        results[f"{size} MB"] = {"peak_rss": usage.ru_maxrss * 1024, "seconds": seconds,
-                                 "mb_per_second": corpus.stat().st_size / 2**20 / seconds}
+        run = run_measured(command, folder / f"run_{size}MB.log")
+        results[f"{size} MB"] = {**run, "mb_per_second": corpus.stat().st_size / 2**20 / run["seconds"]}
     return results
 
 
@@ -559,13 +555,13 @@ def main(argv=None) -> None:
     parser.add_argument("--data_scale", action="store_true", help="Also minigpt-pretrain's peak memory and speed on "
                         "a 10 MB and a 100 MB text file (about 2 minutes).")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
-    parser.add_argument("--_end_to_end_child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--_trainer_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]))
-    if args._end_to_end_child:
-        name, shape, folder, steps = args._end_to_end_child
-        return end_to_end_child(name, json.loads(shape), Path(folder), int(steps))
+    if args._trainer_child:
+        shape, folder, steps = args._trainer_child
+        return trainer_child(json.loads(shape), Path(folder), int(steps))
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"

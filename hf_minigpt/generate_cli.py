@@ -17,7 +17,7 @@ from .quantize import cpu_compile_config, quantize_int8
 
 
 @torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor, block_size: int) -> float:
+def text_perplexity(model, input_ids: torch.Tensor, block_size: int) -> float:
     """exp of the mean next-token loss over `input_ids` (1-D), read in consecutive blocks of `block_size` tokens."""
     total, count = 0.0, 0
     for start in range(0, len(input_ids) - 1, block_size):
@@ -59,10 +59,10 @@ def main(argv=None) -> None:
         input_ids = torch.tensor([tokenizer.eos_token_id, *tokenizer(text).input_ids])
         if len(input_ids) < 2:
             parser.error(f"{args.perplexity} holds no text")
-        before = perplexity(model, input_ids, model.config.n_positions)
+        before = text_perplexity(model, input_ids, model.config.n_positions)
         print(f"perplexity {before:.4f} on {len(input_ids) - 1:,} tokens of {args.perplexity}")
         if args.int8:
-            after = perplexity(quantize_int8(model), input_ids, model.config.n_positions)
+            after = text_perplexity(quantize_int8(model), input_ids, model.config.n_positions)
             print(f"perplexity {after:.4f} with int8 weights ({after / before - 1:+.2%})")
         return
 

@@ -11,6 +11,7 @@ chunks. The same script runs on CPU, one GPU or many (DDP, FSDP or DeepSpeed thr
 import argparse
 import math
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import datasets
@@ -159,10 +160,10 @@ def tokenize(texts: datasets.Dataset, tokenizer, args, split: str) -> np.memmap:
                for table in tokenized.with_format("arrow").iter(batch_size=64))
     if args.save_tokens:
         Path(args.save_tokens).mkdir(parents=True, exist_ok=True)
-        return read_shard(write_shard(Path(args.save_tokens) / f"{split}.bin", batches, len(tokenizer)))
-    # The shard is mapped, so it may be unlinked at once (with the temporary folder): Linux keeps its pages until
-    # the mapping goes.
-    with tempfile.TemporaryDirectory(prefix="minigpt-tokens-") as folder:
+    # Without --save_tokens, the mapped shard may be unlinked at once with its temporary folder: Linux keeps its pages
+    # until the mapping goes.
+    with nullcontext(args.save_tokens) if args.save_tokens else tempfile.TemporaryDirectory(
+            prefix="minigpt-tokens-") as folder:
         return read_shard(write_shard(Path(folder) / f"{split}.bin", batches, len(tokenizer)))
 
 
@@ -186,10 +187,8 @@ def read_shards(patterns: list[str], tokenizer, args, block_size: int, split: st
             raise DataError(f"{file} holds token id {int(shard.max())}, but the tokenizer has {len(tokenizer)} "
                             "tokens: pass the tokenizer the shards were made with (--tokenizer_name).")
         shards.append(shard)
-    blocks = TokenBlocks(shards, block_size, tokenizer.eos_token_id if args.document_masking else None)
-    if len(blocks) == 0:
-        raise DataError(f"The {split} shards hold fewer tokens than one block of {block_size}: lower --block_size.")
-    return blocks
+    return pack(shards, tokenizer, args, block_size,
+                too_short=f"The {split} shards hold fewer tokens than one block of {block_size}: lower --block_size.")
 
 
 def pieces(texts: datasets.Dataset, column: str) -> datasets.Dataset:
@@ -198,10 +197,15 @@ def pieces(texts: datasets.Dataset, column: str) -> datasets.Dataset:
 
 
 def tokenize_and_pack(texts: datasets.Dataset, tokenizer, args, block_size: int, split: str) -> TokenBlocks:
-    blocks = TokenBlocks([tokenize(texts, tokenizer, args, split)], block_size,
-                         tokenizer.eos_token_id if args.document_masking else None)
+    return pack([tokenize(texts, tokenizer, args, split)], tokenizer, args, block_size,
+                too_short=f"The {split} text is shorter than one block of {block_size} tokens: lower --block_size.")
+
+
+def pack(shards: list, tokenizer, args, block_size: int, too_short: str) -> TokenBlocks:
+    """The shards' blocks of `block_size` tokens (positions restart at each EOS with --document_masking)."""
+    blocks = TokenBlocks(shards, block_size, tokenizer.eos_token_id if args.document_masking else None)
     if len(blocks) == 0:
-        raise DataError(f"The {split} text is shorter than one block of {block_size} tokens: lower --block_size.")
+        raise DataError(too_short)
     return blocks
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import WORDS, tiny_config
 
 from hf_minigpt import MiniGPTForCausalLM
-from hf_minigpt.generate_cli import perplexity
+from hf_minigpt.generate_cli import text_perplexity
 from hf_minigpt.quantize import Int8Linear, cpu_compile_config, quantize_int8
 
 
@@ -45,10 +45,10 @@ def trained(tmp_path_factory):
 
 def test_int8_changes_perplexity_by_less_than_one_percent(trained):
     held_out = sentences(100, seed=1)
-    before = perplexity(trained, held_out, block_size=64)
+    before = text_perplexity(trained, held_out, block_size=64)
     assert before < 2.5  # learned: a perfect model scores 2 ** (5/9) = 1.47 (5 coin flips in 9 tokens), chance 21
     int8 = quantize_int8(copy.deepcopy(trained))
-    after = perplexity(int8, held_out, block_size=64)
+    after = text_perplexity(int8, held_out, block_size=64)
     assert abs(after / before - 1) < 0.01
     assert isinstance(int8.lm_head, Int8Linear) and isinstance(int8.transformer.h[0].mlp.c_fc, Int8Linear)
     assert int8.transformer.wte.weight.dtype == torch.float32  # the embedding lookup stays exact
