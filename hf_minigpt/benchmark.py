@@ -451,11 +451,12 @@ def measure_end_to_end(shape, folder: Path, steps: int) -> dict:
     flags = end_to_end_flags(shape)
     # The tokenizer and the shard both scripts read.
     run_measured([sys.executable, "-m", "hf_minigpt.pretrain", "--max_train_steps", "1", "--vocab_size",
-                  str(shape[3]), "--save_tokens", str(tokens), "--output_dir", str(tokenizer), "--prompts", *flags],
+                  str(shape[3]), "--save_tokens", str(tokens), "--output_dir", str(tokenizer), "--max_new_tokens", "0",
+                  *flags],
                  folder / "prepare.log")
     minigpt = run_measured([sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(tokens / "train.bin"),
                             "--tokenizer_name", str(tokenizer), "--max_train_steps", str(steps), "--output_dir",
-                            str(folder / "minigpt"), "--prompts", *flags], folder / "minigpt.log")
+                            str(folder / "minigpt"), "--max_new_tokens", "0", *flags], folder / "minigpt.log")
     minigpt["tokens_per_second"] = json.loads((folder / "minigpt" / "all_results.json").read_text())[
         "train_tokens_per_second"]
     trainer = run_measured([sys.executable, "-m", "hf_minigpt.benchmark", "--_trainer_child", json.dumps(shape),
@@ -469,7 +470,7 @@ def trainer_child(shape, folder: Path, steps: int) -> None:
     """transformers' Trainer training GPT2LMHeadModel on the shard, as a transformers user would."""
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    from .tokens import TokenBlocks, read_shard
+    from .training.tokens import TokenBlocks, read_shard
 
     class LabelledBlocks(TokenBlocks):  # a causal LM's labels are its inputs; GPT-2 shifts them
         def __getitem__(self, index):
@@ -512,7 +513,7 @@ def measure_data_scale(sizes_mb: tuple, folder: Path) -> dict:
                 handle.write(text)
         command = [sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(corpus), "--max_train_steps",
                    "5", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "128", "--output_dir",
-                   str(folder / f"run_{size}MB"), "--prompts"]
+                   str(folder / f"run_{size}MB"), "--max_new_tokens", "0"]
         run = run_measured(command, folder / f"run_{size}MB.log")
         results[f"{size} MB"] = {**run, "mb_per_second": corpus.stat().st_size / 2**20 / run["seconds"]}
     return results

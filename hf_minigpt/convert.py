@@ -10,11 +10,9 @@ end, so a failure never leaves a half-written checkpoint behind.
 
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from .modeling_minigpt import (
     MiniGPTForTokenClassification,
     MiniGPTModel,
 )
+from .training.checkpoint import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -160,45 +159,18 @@ def load_into(model: torch.nn.Module, state_dict: dict, source) -> torch.nn.Modu
     return model
 
 
-def with_default_permissions(folder) -> None:
-    """Give `folder` and its files the modes a plain `mkdir` and `open` would (the umask's), not the private ones of
-    a scratch folder or of transformers' own temporary weights file (0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in Path(folder).rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextmanager
-def atomic_folder(destination, replace: bool = False):
-    """Yield a scratch folder beside `destination`; it becomes `destination` only if the block succeeds.
-
-    An existing non-empty `destination` is an error, unless `replace`: then it is swapped out only once the
-    new folder is complete.
-    """
-    destination = Path(destination)
-    if not replace and destination.exists() and any(destination.iterdir()):
-        raise FileExistsError(f"{destination} exists and is not empty; choose a new folder (nothing was written).")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
-    previous = destination.with_name(f".{destination.name}.previous")
-    try:
-        yield scratch
-        with_default_permissions(scratch)
-        if destination.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            destination.rename(previous)
-        scratch.rename(destination)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
-
-
 def copy_tokenizer_files(source, destination):
     for name in TOKENIZER_FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, Path(destination) / name)
+
+
+def write_converted(model, destination, tokenizer_source) -> Path:
+    """The converted model, with the tokenizer files found in `tokenizer_source`, as a new folder."""
+    with atomic_folder(destination) as scratch:
+        model.save_pretrained(scratch)
+        copy_tokenizer_files(tokenizer_source, scratch)
+    return Path(destination)
 
 
 def convert_gpt2_to_minigpt(source, destination) -> Path:
@@ -217,11 +189,8 @@ def convert_gpt2_to_minigpt(source, destination) -> Path:
     if model_class is MiniGPTModel:
         state_dict = {name.removeprefix("transformer."): tensor for name, tensor in state_dict.items()}
     model = load_into(model_class(config), state_dict, source)
-    with atomic_folder(destination) as scratch:
-        model.save_pretrained(scratch)
-        copy_tokenizer_files(source, scratch)
-    logger.info("Converted GPT-2 checkpoint %s -> MiniGPT %s (%s)", source, destination, model_class.__name__)
-    return Path(destination)
+    logger.info("Converting GPT-2 checkpoint %s -> MiniGPT %s (%s)", source, destination, model_class.__name__)
+    return write_converted(model, destination, source)
 
 
 def convert_minigpt_to_gpt2(source, destination) -> Path:
@@ -232,10 +201,7 @@ def convert_minigpt_to_gpt2(source, destination) -> Path:
         state_dict = {f"transformer.{name}": tensor for name, tensor in state_dict.items()}
     gpt2 = GPT2LMHeadModel(gpt2_config_from_minigpt(config))
     model = load_into(gpt2, minigpt_to_gpt2_state_dict(state_dict), source)
-    with atomic_folder(destination) as scratch:
-        model.save_pretrained(scratch)
-        copy_tokenizer_files(source, scratch)
-    return Path(destination)
+    return write_converted(model, destination, source)
 
 
 def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
@@ -262,10 +228,7 @@ def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
             if name.endswith(".bias") and name not in state_dict:
                 state_dict[name] = torch.zeros_like(tensor)
     load_into(model, state_dict, checkpoint_path)
-    with atomic_folder(destination) as scratch:
-        model.save_pretrained(scratch)
-        copy_tokenizer_files(Path(checkpoint_path).parent, scratch)
-    return Path(destination)
+    return write_converted(model, destination, Path(checkpoint_path).parent)
 
 
 def convert(source, destination, to: str | None = None, dtype: str = "f16") -> Path:

@@ -9,11 +9,11 @@ row is multi-label classification, floats are regression. The pooled token is th
 GPT2ForSequenceClassification; a tokenizer without a pad token (GPT-2's) pads with EOS.
 """
 
-import argparse
 import csv
 import shutil
-from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
@@ -24,81 +24,101 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
-from .convert import atomic_folder
-from .hub import add_hub_args, push_after_training
-from .model_card import file_names, optimization_rows, write_model_card
-from .training import (
-    DataError,
-    HelpFormatter,
-    TrainingRun,
-    add_common_args,
-    check_columns,
-    load_files,
-    plot_losses,
-    pyplot,
-    row_location,
-    run_script,
-    save_model,
-    start,
-    train_loader,
-    write_json,
+from .hub import push_after_training
+from .training.checkpoint import save_model_folder
+from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
+from .training.loop import TrainingRun, resume_point, run_script
+from .training.report import file_names, optimization_rows, pyplot, write_model_card
+from .training.settings import (
+    DataSettings,
+    HubSettings,
+    OptimizationSettings,
+    RunSettings,
+    model_source_problem,
+    parse,
+    setting,
 )
+from .training.tokens import fit_embeddings
 
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 # Metric -> whether larger is better.
 METRICS = {"accuracy": True, "f1": True, "loss": False, "mse": False, "pearson": True}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="minigpt-finetune", description=__doc__, formatter_class=HelpFormatter
-    )
-    add_common_args(parser)
-    add_hub_args(parser)
-    parser.add_argument("--model_name_or_path", required=True, help="A MiniGPT or GPT-2 folder.")
-    parser.add_argument("--test_file", nargs="+", help="Predicted at the end (labels optional).")
-    parser.add_argument("--text_column", nargs="+", default=["text"], help="One column, or two for sentence pairs.")
-    parser.add_argument("--label_column", default="label", help="Column holding the labels.")
-    parser.add_argument("--max_length", type=int, default=128, help="Longer texts are truncated.")
-    parser.add_argument("--validation_split_percentage", type=int, default=10, help="Without --validation_file.")
-    parser.add_argument("--metric_for_best_model", choices=list(METRICS), help="Default: accuracy, f1 or mse.")
-    parser.add_argument("--early_stopping_patience", type=int, help="Stop after N epochs without improvement.")
-    parser.set_defaults(per_device_eval_batch_size=32)
-    args = parser.parse_args(argv)
-    if not 1 <= len(args.text_column) <= 2:
-        parser.error("--text_column takes one column, or two for sentence pairs.")
-    return args
+@dataclass
+class ClassificationSettings:
+    """The model to start from, the labels, and how the best model is chosen."""
+
+    _argument_group_name = "classification"
+    model_name_or_path: str = field(metadata={"help": "A MiniGPT or GPT-2 folder or hub id."})
+    test_file: list[str] | None = setting(help="Predicted at the end (labels optional).")
+    text_pair_column: str | None = setting(help="A second text column, for sentence pairs.")
+    label_column: str = setting("label", "The column that holds the labels.")
+    max_length: int = setting(128, "Longer texts are truncated.")
+    metric_for_best_model: Literal["accuracy", "f1", "loss", "mse", "pearson"] | None = setting(
+        help="Default: accuracy, f1 (multi-label) or mse (regression).")
+    early_stopping_patience: int | None = setting(help="Stop after N epochs without improvement.")
+
+    def problems(self) -> list[str]:
+        found = [problem] if (problem := model_source_problem(self.model_name_or_path, "--model_name_or_path")) else []
+        return found + [f"--{name} must be at least 1, got {getattr(self, name)}"
+                        for name in ("max_length", "early_stopping_patience")
+                        if getattr(self, name) is not None and getattr(self, name) < 1]
+
+
+@dataclass
+class FinetuneSettings:
+    run: RunSettings
+    optimization: OptimizationSettings
+    data: DataSettings
+    classification: ClassificationSettings
+    hub: HubSettings
+
+
+def parse_args(argv=None) -> FinetuneSettings:
+    def problems(settings: FinetuneSettings) -> list[str]:
+        return [] if settings.data.train_file else ["--train_file is required"]
+
+    return parse(FinetuneSettings, "minigpt-finetune", __doc__, argv,
+                 defaults=dict(per_device_eval_batch_size=32, validation_split_percentage=10), check=problems)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data and labels
 
 
-def load_splits(args) -> dict[str, datasets.Dataset]:
+def text_columns(settings: FinetuneSettings) -> list[str]:
+    pair = settings.classification.text_pair_column
+    return [settings.data.text_column, *([pair] if pair else [])]
+
+
+def load_splits(settings: FinetuneSettings) -> dict[str, datasets.Dataset]:
     """Train, validation (given, or held out at random from train) and test rows, each checked where it was read, so
     that a bad row is named by its file and row."""
-    if not args.train_file:
-        raise DataError("--train_file is required.")
-    files = {"train": args.train_file, "validation": args.validation_file, "test": args.test_file}
+    data, label_column = settings.data, settings.classification.label_column
+    files = {"train": data.train_file, "validation": data.validation_file, "test": settings.classification.test_file}
     splits = {name: load_files(patterns, name) for name, patterns in files.items() if patterns}
     for name, split in splits.items():
         if len(split) == 0:
             raise DataError(f"The {name} data has no rows.")
-        needed = args.text_column + ([args.label_column] if name != "test" else [])
-        check_columns(split, needed, f"--text_column/--label_column ({name} data):")
-        for column in args.text_column:
+        needed = text_columns(settings) + ([label_column] if name != "test" else [])
+        check_columns(split, needed, f"--text_column/--text_pair_column/--label_column ({name} data):")
+        for column in text_columns(settings):
             empty = [i for i, text in enumerate(split[column]) if not isinstance(text, str) or not text.strip()]
             if empty:
                 raise DataError(f"{row_location(files[name], empty[0])} has no text in {column!r} "
                                 f"({len(empty)} such row(s)).")
-        if args.label_column in split.column_names:
-            unlabelled = [i for i, label in enumerate(split[args.label_column]) if label is None or label == ""]
+        if label_column in split.column_names:
+            unlabelled = [i for i, label in enumerate(split[label_column]) if label is None or label == ""]
             if unlabelled:
-                raise DataError(f"{row_location(files[name], unlabelled[0])} has no label in {args.label_column!r} "
+                raise DataError(f"{row_location(files[name], unlabelled[0])} has no label in {label_column!r} "
                                 f"({len(unlabelled)} such row(s)).")
     if "validation" not in splits:
-        held_out = splits["train"].train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
-        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
+        splits["train"], splits["validation"] = hold_out(splits["train"], data.validation_split_percentage,
+                                                         settings.run.seed)
+        if splits["validation"] is None:
+            raise DataError(f"{len(splits['train'])} training rows are too few to hold out "
+                            f"{data.validation_split_percentage}% for validation: pass a --validation_file.")
     return splits
 
 
@@ -153,7 +173,7 @@ def logits_to_predictions(logits: torch.Tensor, problem_type: str) -> np.ndarray
     return logits.squeeze(-1).numpy()
 
 
-def loss_of(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> float:
+def loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> float:
     """The loss the model trains on, over the whole (gathered) evaluation set at once."""
     if problem_type == SINGLE:
         return F.cross_entropy(logits, labels).item()
@@ -195,10 +215,10 @@ def predict(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor | No
 def score(logits: torch.Tensor, labels: torch.Tensor, problem_type: str, names: list[str]) -> dict:
     """The loss and the metrics of predictions against known labels."""
     metrics = compute_metrics(logits_to_predictions(logits, problem_type), labels.numpy(), problem_type, names)
-    return {"loss": loss_of(logits, labels, problem_type), **metrics}
+    return {"loss": loss_of_logits(logits, labels, problem_type), **metrics}
 
 
-def evaluate(model, loader, accelerator, problem_type: str, names: list[str]) -> dict:
+def validation_metrics(model, loader, accelerator, problem_type: str, names: list[str]) -> dict:
     return score(*predict(model, loader, accelerator), problem_type, names)
 
 
@@ -221,17 +241,17 @@ def plot_confusion_matrix(predictions, labels, names: list[str], path) -> None:
 # Training
 
 
-def train(args) -> dict:
-    accelerator, resume = start(args)
-    splits = load_splits(args)
-    problem_type = infer_problem_type(splits["train"].features[args.label_column])
-    names = label_names(splits["train"], args.label_column, problem_type)
+def train(settings: FinetuneSettings, accelerator) -> dict:
+    resume, task = resume_point(settings.run), settings.classification
+    splits = load_splits(settings)
+    problem_type = infer_problem_type(splits["train"].features[task.label_column])
+    names = label_names(splits["train"], task.label_column, problem_type)
     label2id = {name: i for i, name in enumerate(names)}
-    metric = args.metric_for_best_model or {SINGLE: "accuracy", MULTI: "f1", REGRESSION: "mse"}[problem_type]
+    metric = task.metric_for_best_model or {SINGLE: "accuracy", MULTI: "f1", REGRESSION: "mse"}[problem_type]
     if (metric in ("mse", "pearson")) != (problem_type == REGRESSION):
         raise DataError(f"--metric_for_best_model {metric} does not apply to {problem_type}.")
 
-    tokenizer = AutoTokenizer.from_pretrained(resume or args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(resume or task.model_name_or_path)
     if tokenizer.pad_token is None:  # GPT-2's tokenizer has none: pad with EOS, pooling skips it
         tokenizer.pad_token = tokenizer.eos_token
     # Right padding keeps every text at positions 0..n-1, as in pre-training (GPT-2 does not shift positions).
@@ -239,62 +259,63 @@ def train(args) -> dict:
 
     def encode(split: datasets.Dataset, name: str) -> datasets.Dataset:
         encoded = split.map(
-            lambda batch: tokenizer(*[batch[column] for column in args.text_column], truncation=True,
-                                    max_length=args.max_length),
-            batched=True, num_proc=args.preprocessing_num_workers, remove_columns=split.column_names,
+            lambda batch: tokenizer(*[batch[column] for column in text_columns(settings)], truncation=True,
+                                    max_length=task.max_length),
+            batched=True, num_proc=settings.data.preprocessing_num_workers, remove_columns=split.column_names,
             desc=f"Tokenizing {name}",
         )
-        if args.label_column in split.column_names:
-            labels = encode_labels(split, name, args.label_column, problem_type, label2id)
+        if task.label_column in split.column_names:
+            labels = encode_labels(split, name, task.label_column, problem_type, label2id)
             encoded = encoded.add_column("labels", labels)
         return encoded
 
     with accelerator.main_process_first():
         encoded = {name: encode(split, name) for name, split in splits.items()}
-    model = load_classifier(args, resume, problem_type, label2id, tokenizer, accelerator.print)
+    model = load_classifier(task.model_name_or_path, resume, problem_type, label2id, tokenizer, accelerator.print)
     collate = DataCollatorWithPadding(tokenizer)
-    eval_loader = DataLoader(encoded["validation"], batch_size=args.per_device_eval_batch_size, collate_fn=collate)
-
+    batch_size = settings.optimization.per_device_train_batch_size
+    eval_loader = DataLoader(encoded["validation"], batch_size=settings.data.per_device_eval_batch_size,
+                             collate_fn=collate)
     run = TrainingRun(
-        accelerator, args, model, tokenizer, train_loader(encoded["train"], args.per_device_train_batch_size, collate),
-        eval_loader, resume=resume, geometry={"max_length": args.max_length}, unit="samples",
-        items_per_batch=args.per_device_train_batch_size, name="minigpt-finetune",
+        accelerator, settings, model, tokenizer, train_loader(encoded["train"], batch_size, collate), eval_loader,
+        geometry={"max_length": task.max_length}, unit="samples", items_per_batch=batch_size, name="minigpt-finetune",
     )
     extra = run.state["extra"]
     extra.setdefault("best", None)
     extra.setdefault("epochs_without_improvement", 0)
     accelerator.print(
         f"{problem_type}: {len(names)} label(s) {names[:10]}; {len(encoded['train'])} training rows, "
-        f"{run.steps_per_epoch} steps per epoch, {run.max_steps} steps, {accelerator.num_processes} process(es)."
+        f"{run.plan.steps_per_epoch} steps per epoch, {run.plan.max_steps} steps, "
+        f"{accelerator.num_processes} process(es)."
     )
-    best_folder = Path(args.output_dir, "best_model")
+    best_folder = Path(settings.run.output_dir, "best_model")
 
     def after_epoch(epoch, write) -> bool:
-        metrics = evaluate(run.model, run.eval_loader, accelerator, problem_type, names)
+        metrics = validation_metrics(run.model, run.eval_loader, accelerator, problem_type, names)
         run.log({f"eval_{key}": value for key, value in metrics.items() if key != "report"}, "eval")
         write(f"epoch {epoch}: " + ", ".join(f"eval_{k} {v:.4f}" for k, v in metrics.items() if k != "report"))
         best = extra["best"]
         if best is None or (metrics[metric] > best[metric] if METRICS[metric] else metrics[metric] < best[metric]):
             extra["best"] = {**metrics, "epoch": epoch}
             extra["epochs_without_improvement"] = 0
-            save_best(accelerator, run.model, tokenizer, best_folder)
+            save_model_folder(best_folder, run.model, tokenizer, accelerator=accelerator, existing="replace")
         else:
             extra["epochs_without_improvement"] += 1
-        patience = args.early_stopping_patience
+        patience = task.early_stopping_patience
         if patience and extra["epochs_without_improvement"] >= patience:
             write(f"No better eval_{metric} for {patience} epoch(s): stopping early.")
             return True
         return False
 
-    run.train(classification_loss, after_epoch=after_epoch)
-    return finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, splits)
+    run.fit(classification_loss, after_epoch=after_epoch)
+    return save_outputs(settings, run, encoded, collate, problem_type, names, metric, splits)
 
 
 def classification_loss(model, batch) -> torch.Tensor:
     return model(**batch).loss
 
 
-def load_classifier(args, resume, problem_type, label2id, tokenizer, say) -> MiniGPTForSequenceClassification:
+def load_classifier(source: str, resume, problem_type, label2id, tokenizer, say) -> MiniGPTForSequenceClassification:
     labels = dict(
         num_labels=len(label2id), id2label={i: name for name, i in label2id.items()}, label2id=label2id,
         problem_type=problem_type, pad_token_id=tokenizer.pad_token_id,
@@ -305,31 +326,19 @@ def load_classifier(args, resume, problem_type, label2id, tokenizer, say) -> Min
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model, info = MiniGPTForSequenceClassification.from_pretrained(
-            args.model_name_or_path, output_loading_info=True, **labels
-        )
+        model, info = MiniGPTForSequenceClassification.from_pretrained(source, output_loading_info=True, **labels)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if info["missing_keys"]:
         say(f"A new classification head ({', '.join(sorted(info['missing_keys']))}, {len(label2id)} labels) starts "
             "from random weights; fine-tuning trains it.")
-    if len(tokenizer) > model.config.vocab_size:
-        raise DataError(f"The tokenizer has {len(tokenizer)} tokens, the model only {model.config.vocab_size}.")
+    fit_embeddings(model, tokenizer)
     return model
 
 
-def save_best(accelerator, model, tokenizer, folder: Path) -> None:
-    """The model and tokenizer in `folder`, replaced whole or not at all."""
-    with atomic_folder(folder, replace=True) if accelerator.is_main_process else nullcontext(folder) as scratch:
-        save_model(accelerator, model, scratch)  # every process: FSDP/DeepSpeed gather here
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(scratch)
-    accelerator.wait_for_everyone()
-
-
-def finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, splits) -> dict:
+def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type, names, metric, splits) -> dict:
     """The best model into --output_dir, with its metrics, test predictions, pictures and card."""
-    accelerator, output_dir = run.accelerator, Path(args.output_dir)
+    accelerator, output_dir = run.accelerator, Path(settings.run.output_dir)
     best = run.state["extra"]["best"]
     model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
     best_weights = MiniGPTForSequenceClassification.from_pretrained(output_dir / "best_model")
@@ -339,7 +348,7 @@ def finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, 
     test = None
     if "test" in encoded:
         test_loader = accelerator.prepare(
-            DataLoader(encoded["test"], batch_size=args.per_device_eval_batch_size, collate_fn=collate)
+            DataLoader(encoded["test"], batch_size=settings.data.per_device_eval_batch_size, collate_fn=collate)
         )
         test = predict(run.model, test_loader, accelerator)
         if test[1] is not None:
@@ -347,32 +356,28 @@ def finish(args, run, tokenizer, encoded, collate, problem_type, names, metric, 
                             if key != "report"})
     # The best model's validation predictions: for the confusion matrix, and for predictions.csv without a test set.
     validation_logits, validation_labels = predict(run.model, run.eval_loader, accelerator)
+    results["eval_report"] = best.get("report")
+    run.save(results)
     if accelerator.is_main_process:
-        for file in (output_dir / "best_model").iterdir():
-            shutil.copy2(file, output_dir / file.name)
         shutil.rmtree(output_dir / "best_model")
-        results["eval_report"] = best.get("report")
-        write_json(output_dir / "all_results.json", results)
-        write_json(output_dir / "log_history.json", run.history)
-        plot_losses(run.history, output_dir / "loss.png")
         pictures = ()
         if problem_type == SINGLE:
             plot_confusion_matrix(logits_to_predictions(validation_logits, problem_type), validation_labels.numpy(),
                                   names, output_dir / "confusion_matrix.png")
             pictures = ("confusion_matrix.png",)
         predicted_split, logits = ("test", test[0]) if test is not None else ("validation", validation_logits)
-        write_predictions(output_dir / "predictions.csv", splits[predicted_split], args, logits, problem_type, names)
-        write_classification_card(args, model, results, problem_type, names, metric, pictures)
+        write_predictions(output_dir / "predictions.csv", splits[predicted_split], settings, logits, problem_type,
+                          names)
+        write_classification_card(settings, model, results, problem_type, names, metric, pictures)
         summary = {key: value for key, value in results.items() if isinstance(value, (int, float))}
         print(f"Saved the best model (epoch {best['epoch']}) to {output_dir}: "
               + ", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
-        push_after_training(args)
+        push_after_training(settings.hub, output_dir)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return results
 
 
-def write_predictions(path, split, args, logits, problem_type: str, names: list[str]) -> None:
+def write_predictions(path, split, settings: FinetuneSettings, logits, problem_type: str, names: list[str]) -> None:
     """One row per text: the prediction by label name and how sure the model is of it (the probability of the
     predicted class; for multi-label, of each predicted label)."""
     predictions = logits_to_predictions(logits, problem_type)
@@ -387,7 +392,8 @@ def write_predictions(path, split, args, logits, problem_type: str, names: list[
     else:
         shown = [f"{value:.6g}" for value in predictions]
         scores = [""] * len(shown)
-    columns = args.text_column + ([args.label_column] if args.label_column in split.column_names else [])
+    label_column = settings.classification.label_column
+    columns = text_columns(settings) + ([label_column] if label_column in split.column_names else [])
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", *columns, "prediction", "score"])
@@ -395,38 +401,40 @@ def write_predictions(path, split, args, logits, problem_type: str, names: list[
             writer.writerow([index, *[row[column] for column in columns], prediction, score])
 
 
-def write_classification_card(args, model, results, problem_type, names, metric, pictures) -> None:
-    training_data = f"Training: {file_names(args.train_file)}."
-    training_data += f" Validation: {file_names(args.validation_file)}." if args.validation_file else (
-        f" Validation: {args.validation_split_percentage}% of the training rows, held out at random.")
+def write_classification_card(settings: FinetuneSettings, model, results, problem_type, names, metric,
+                              pictures) -> None:
+    data, task = settings.data, settings.classification
+    training_data = f"Training: {file_names(data.train_file)}."
+    training_data += f" Validation: {file_names(data.validation_file)}." if data.validation_file else (
+        f" Validation: {data.validation_split_percentage}% of the training rows, held out at random.")
     hyperparameters = {
         "problem type": problem_type,
         "labels": ", ".join(names[:20]),
-        "text column(s)": ", ".join(args.text_column),
-        "max length": args.max_length,
-        **optimization_rows(args),
+        "text column(s)": ", ".join(text_columns(settings)),
+        "max length": task.max_length,
+        **optimization_rows(settings.optimization),
         "epochs (best)": f"{results['epoch']} ({results['best_epoch']})",
         "best model by": f"eval_{metric}",
-        "seed": args.seed,
+        "seed": settings.run.seed,
     }
     shown = {key: value for key, value in results.items() if isinstance(value, (int, float))}
     index = {key: results[f"eval_{key}"] for key in ("accuracy", "f1", "mse", "pearson") if f"eval_{key}" in results}
     write_model_card(
-        args.output_dir,
+        settings.run.output_dir,
         model=model,
         pipeline_tag="text-classification",
-        dataset_name=Path(args.train_file[0]).name,
+        dataset_name=Path(data.train_file[0]).name,
         metrics=index,
         results=shown,
         hyperparameters=hyperparameters,
-        summary=f"A MiniGPT sequence classifier ({problem_type}) fine-tuned from `{args.model_name_or_path}` with "
+        summary=f"A MiniGPT sequence classifier ({problem_type}) fine-tuned from `{task.model_name_or_path}` with "
         "`minigpt-finetune`. It pools the last non-padding token, as GPT2ForSequenceClassification does.",
         training_data=training_data,
         procedure="AdamW (no decay on biases and LayerNorm weights), evaluation after every epoch, the best epoch "
         f"by eval_{metric} kept; trained with Accelerate.",
         example_prompt="A gripping, beautifully acted film.",
-        base_model=args.model_name_or_path,
-        repo_id=args.hub_model_id,
+        base_model=task.model_name_or_path,
+        repo_id=settings.hub.hub_model_id,
         pictures=pictures,
     )
 

@@ -20,16 +20,17 @@ from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoTokenizer
 
 from . import AUTO_CLASSES, MiniGPTConfig
+from .training.checkpoint import save_model_folder
 
 # Besides the model and tokenizer: the card, its pictures, and the run's results.
-EXTRAS = ("README.md", "*.png", "all_results.json", "log_history.json", "predictions.csv")
+EXTRAS = ("README.md", "*.png", "all_results.json", "log_history.jsonl", "predictions.csv")
 
 
 class PushError(ValueError):
     """A folder that must not be pushed as it is."""
 
 
-def load_model(folder: Path):
+def load_pushable_model(folder: Path):
     """The folder's model through the Auto class its config names; any failure is a PushError."""
     try:
         config = AutoConfig.from_pretrained(folder)
@@ -59,13 +60,13 @@ def assemble(folder, staging) -> list[Path]:
     if not (folder / "config.json").exists():
         raise PushError(f"{folder} is not a model folder (it has no config.json).")
     check_card(folder)
-    model = load_model(folder)
+    model = load_pushable_model(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise PushError(f"The tokenizer in {folder} does not load: {error}") from error
-    model.save_pretrained(staging)  # safetensors, config with auto_map, source files, generation config
-    tokenizer.save_pretrained(staging)
+    # safetensors, config with auto_map, source files, generation config, tokenizer
+    save_model_folder(staging, model, tokenizer, existing="replace")
     for pattern in EXTRAS:
         for file in folder.glob(pattern):
             shutil.copy2(file, staging / file.name)
@@ -102,19 +103,11 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str | None = 
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def add_hub_args(parser: argparse.ArgumentParser) -> None:
-    """run_*_no_trainer.py's hub flags, for the training scripts."""
-    group = parser.add_argument_group("hub")
-    group.add_argument("--push_to_hub", action="store_true", help="Push the output folder when training ends.")
-    group.add_argument("--hub_model_id", help="Repository to push to, e.g. your-name/minigpt-pydoc.")
-    group.add_argument("--hub_token", help="Default: HF_TOKEN, or the token saved by `hf auth login`.")
-    group.add_argument("--hub_private_repo", action="store_true")
-
-
-def push_after_training(args, echo=print) -> None:
-    if args.push_to_hub:
-        push(args.output_dir, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token, echo=echo,
-             commit_message=f"Training results from {Path(args.output_dir).name}")
+def push_after_training(hub, output_dir, echo=print) -> None:
+    """What a training script's `HubSettings` ask for once the output folder is complete."""
+    if hub.push_to_hub:
+        push(output_dir, hub.hub_model_id, private=hub.hub_private_repo, token=hub.hub_token, echo=echo,
+             commit_message=f"Training results from {Path(output_dir).name}")
 
 
 def main(argv=None) -> None:

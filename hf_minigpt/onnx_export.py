@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from .convert import atomic_folder, copy_tokenizer_files
+from .convert import copy_tokenizer_files
+from .training.checkpoint import atomic_folder
 from .modeling_minigpt import MiniGPTForCausalLM
 
 

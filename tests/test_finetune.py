@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 from conftest import WORDS, tiny_config
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from hf_minigpt.finetune import MULTI, REGRESSION, SINGLE, compute_metrics, main
+from hf_minigpt.training.report import LOG_FILE, read_log
 
 PLAIN = [word for word in WORDS if word not in ("red", "blue")]
 
@@ -112,7 +113,7 @@ def results(output_dir) -> dict:
 
 
 def history(output_dir) -> list[dict]:
-    return json.loads(Path(output_dir, "log_history.json").read_text())
+    return read_log(output_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -153,9 +154,11 @@ def test_single_label_run_learns_and_writes_everything(single_label, data):
 def test_resumed_run_equals_the_uninterrupted_one(single_label, base, data, tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
-    # The folder as a run stopped at step 15 leaves it: mid-epoch 2, with the best model of epoch 1 (= step 10).
+    # The folder as a run killed after step 15 leaves it: mid-epoch 2, with the best model of epoch 1 (= step 10), and
+    # a log that went on past the checkpoint (the resumed run drops what came after it).
     shutil.copytree(single_label / "step_15", output_dir / "step_15")
     shutil.copytree(single_label / "step_10", output_dir / "best_model")
+    shutil.copy(single_label / LOG_FILE, output_dir / LOG_FILE)
     finetune(base, *SINGLE_RUN, "--train_file", data["train"], "--validation_file", data["validation"],
              "--test_file", data["test"], "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest")
     assert history(output_dir) == history(single_label)
@@ -177,7 +180,7 @@ def test_multi_label_and_regression_runs(base, tmp_path):
     rows = sentences(160, seed=4, colours=[0, 1, 2])
     multi = [{"text": text, "colours": chosen} for text, chosen in rows]
     finetune(base, "--train_file", write_jsonl(tmp_path / "multi.jsonl", multi), "--label_column", "colours",
-             "--num_train_epochs", "4", "--output_dir", str(tmp_path / "multi"))
+             "--num_train_epochs", "6", "--output_dir", str(tmp_path / "multi"))
     config = json.loads((tmp_path / "multi" / "config.json").read_text())
     assert config["problem_type"] == MULTI and config["id2label"] == {"0": "blue", "1": "red"}
     assert results(tmp_path / "multi")["eval_f1"] > 0.9

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +17,11 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_minigpt.pretrain import main, parse_args, tokenize_and_pack
-from hf_minigpt.tokens import document_positions
-from hf_minigpt.training import Stopped, list_checkpoints
+from hf_minigpt.pretrain import main, parse_args
+from hf_minigpt.training.checkpoint import list_checkpoints
+from hf_minigpt.training.loop import Stopped
+from hf_minigpt.training.report import read_log
+from hf_minigpt.training.tokens import TokenBlocks, document_positions, tokenize_to_shard
 
 from conftest import tiny_config
 
@@ -43,8 +46,15 @@ def pretrain(*args: str, processes: int = 1, check: bool = True, env=None) -> su
 
 
 def losses(output_dir) -> list[float]:
-    history = json.loads(Path(output_dir, "log_history.json").read_text())
-    return [entry["loss"] for entry in history if "loss" in entry]
+    return [entry["loss"] for entry in read_log(output_dir) if "loss" in entry]
+
+
+def refused(argv, capsys) -> str:
+    """The one line a usage mistake prints (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -53,8 +63,7 @@ def losses(output_dir) -> list[float]:
 
 def test_documents_are_joined_with_eos_and_packed(tokenizer):
     texts = Dataset.from_dict({"text": ["the cat sat", "a dog ran away fast", "big red mat"]})
-    args = parse_args(["--output_dir", "unused", "--document_masking"])
-    blocks = tokenize_and_pack(texts, tokenizer, args, block_size=4, split="train")
+    blocks = TokenBlocks([tokenize_to_shard(texts, tokenizer, "text", "train")], 4, tokenizer.eos_token_id)
     # Each document starts with EOS; the tail ("red mat") ends one more block, overlapping the one before.
     expected = "<eos> the cat sat | <eos> a dog ran | away fast <eos> big | <eos> big red mat"
     assert [tokenizer.convert_ids_to_tokens(block["input_ids"].tolist()) for block in blocks] == [
@@ -127,12 +136,24 @@ def test_bad_data_is_refused_before_training(tmp_path, tiny_checkpoint, name, co
     assert not (tmp_path / "out").exists()  # a refused run leaves nothing behind
 
 
-def test_a_mistyped_model_folder_is_named_at_once(tmp_path):
+def test_a_mistyped_model_folder_is_named_at_once(tmp_path, capsys):
     (tmp_path / "runs" / "pydoc").mkdir(parents=True)
     started = time.perf_counter()
-    with pytest.raises(SystemExit, match=r"--model_name_or_path .*runs/pydocs: no such folder\.$"):
-        main(["--model_name_or_path", str(tmp_path / "runs" / "pydocs"), "--output_dir", str(tmp_path / "out")])
+    message = refused(["--model_name_or_path", str(tmp_path / "runs" / "pydocs"), "--output_dir",
+                       str(tmp_path / "out")], capsys)
+    assert re.search(r"--model_name_or_path .*runs/pydocs: no such folder\.$", message)
     assert time.perf_counter() - started < 5 and not (tmp_path / "out").exists()
+
+
+def test_every_usage_mistake_is_listed_in_one_line(tmp_path, capsys):
+    message = refused(["--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "0",
+                       "--push_to_hub", "--checkpointing_steps", "often", "--streaming"], capsys)
+    assert message.startswith("minigpt-pretrain: error: ")
+    for problem in ("--per_device_train_batch_size must be at least 1, got 0; ",
+                    "--checkpointing_steps takes a number of steps or 'epoch', not 'often'",
+                    "--push_to_hub needs --hub_model_id", "--streaming needs --max_train_steps"):
+        assert problem in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_hub_id_the_hub_does_not_know_is_named(tmp_path):
@@ -141,7 +162,7 @@ def test_a_hub_id_the_hub_does_not_know_is_named(tmp_path):
     with FakeHub() as hub:
         result = pretrain("--model_name_or_path", "nobody/no-such-model", "--output_dir", str(tmp_path / "out"),
                           check=False, env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "minigpt-pretrain: error: --model_name_or_path nobody/no-such-model: no such folder here, and no such model "
         "on the hub.")
@@ -178,12 +199,12 @@ def test_block_size_beyond_the_context_is_refused(tmp_path, tiny_checkpoint):
               "--output_dir", str(tmp_path / "out")])
 
 
-def test_a_previous_run_is_not_overwritten(tmp_path):
+def test_a_previous_run_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SystemExit, match="already holds a run.*--resume_from_checkpoint latest"):
-        main(["--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="holds no checkpoint"):
-        main(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert "already holds a run. Continue it with --resume_from_checkpoint latest" in refused(
+        ["--output_dir", str(tmp_path)], capsys)
+    assert "holds no checkpoint" in refused(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"],
+                                            capsys)
     assert (tmp_path / "config.json").read_text() == "{}"
 
 
@@ -250,8 +271,7 @@ def test_interrupted_and_resumed_run_repeats_the_same_losses(uninterrupted, tmp_
 
     pretrain(*args, "--resume_from_checkpoint", "latest")
     assert losses(output_dir) == losses(reference)  # exactly, step for step
-    history = json.loads((output_dir / "log_history.json").read_text())
-    reference_history = json.loads((reference / "log_history.json").read_text())
+    history, reference_history = read_log(output_dir), read_log(reference)
     assert [e for e in history if "eval_loss" in e] == [e for e in reference_history if "eval_loss" in e]
 
 
@@ -266,8 +286,7 @@ def test_resuming_a_finished_run_changes_nothing_unless_asked_to_train_further(t
     assert (output_dir / "model.safetensors").read_bytes() == weights
     pretrain("--max_train_steps", "15", "--checkpointing_steps", "5", "--output_dir", str(output_dir),
              "--resume_from_checkpoint", "latest")
-    history = json.loads((output_dir / "log_history.json").read_text())
-    assert [entry["step"] for entry in history if "loss" in entry] == list(range(1, 16))
+    assert [entry["step"] for entry in read_log(output_dir) if "loss" in entry] == list(range(1, 16))
     assert json.loads((output_dir / "all_results.json").read_text())["train_steps"] == 15
 
 
@@ -318,7 +337,7 @@ def test_data_files_by_glob_saved_folder_and_compression(tmp_path):
 
     from datasets import Dataset
 
-    from hf_minigpt.training import load_files
+    from hf_minigpt.training.data import load_files
 
     for name in ("a", "b"):
         (tmp_path / f"{name}.txt").write_text(f"document {name}\nsecond line")
@@ -337,7 +356,7 @@ def test_data_files_by_glob_saved_folder_and_compression(tmp_path):
 
 
 def test_token_shards_are_llm_c_bin_files(tmp_path):
-    from hf_minigpt.tokens import read_shard, write_shard
+    from hf_minigpt.training.tokens import read_shard, write_shard
 
     small = write_shard(tmp_path / "small.bin", [[50256, 1, 2], [3]], vocab_size=50257)
     header = np.fromfile(small, dtype=np.int32, count=256)
@@ -367,5 +386,38 @@ def test_training_on_saved_token_shards_repeats_the_text_run(tmp_path):
 
     result = pretrain(*common, "--train_file", str(tmp_path / "tokens" / "train.bin"),
                       "--output_dir", str(tmp_path / "no_tokenizer"), check=False)
-    assert result.returncode == 1 and "pass the tokenizer that made them" in result.stderr
+    assert result.returncode == 2 and "pass the tokenizer that made them" in result.stderr
     assert not (tmp_path / "no_tokenizer").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def test_streamed_blocks_are_the_packed_blocks_in_order(tmp_path, tokenizer):
+    from hf_minigpt.training.data import load_files
+    from hf_minigpt.training.tokens import StreamedBlocks
+
+    lines = [{"text": f"the cat sat on mat {i} " * (i % 4 + 1)} for i in range(41)]  # 647 tokens
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    packed = TokenBlocks([tokenize_to_shard(load_files([str(tmp_path / "docs.jsonl")], "train"), tokenizer, "text",
+                                            "train")], 8, tokenizer.eos_token_id)
+    streamed = list(StreamedBlocks(load_files([str(tmp_path / "docs.jsonl")], "train", streaming=True), tokenizer,
+                                   "text", 8, tokenizer.eos_token_id))
+    assert len(streamed) == len(packed) - 1  # the stream drops the tail, which the shard packs as one more block
+    for streamed_block, packed_block in zip(streamed, packed):
+        assert streamed_block["input_ids"].tolist() == packed_block["input_ids"].tolist()
+        assert streamed_block["position_ids"].tolist() == packed_block["position_ids"].tolist()
+
+
+def test_a_streamed_run_resumes_exactly(tmp_path, tiny_checkpoint):
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"the cat sat on the mat {i}\n" for i in range(400)))
+    common = ["--train_file", str(text), "--streaming", "--tokenizer_name", str(tiny_checkpoint), "--lr_scheduler_type",
+              "constant", "--num_warmup_steps", "0", "--checkpointing_steps", "4"]
+    pretrain(*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "whole"))
+    first = pretrain(*common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "parts"))
+    assert "Streamed blocks of 32 tokens" in first.stdout and "No validation set (streamed)" in first.stdout
+    pretrain(*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "parts"), "--resume_from_checkpoint",
+             "latest")
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 8

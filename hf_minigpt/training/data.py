@@ -1,0 +1,145 @@
+"""Data: files on disk -> `datasets` rows -> the validation split -> loaders.
+
+Text, json/jsonl, csv/tsv and parquet files (compressed too, globs allowed) and `save_to_disk` folders are read with
+`datasets`' own builders, in full (memory-mapped Arrow) or streamed. A file that cannot be trained on is refused
+with one line that names it, before the first step.
+"""
+
+import codecs
+import glob
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import Subset
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on, found before the first step."""
+
+
+# File extension -> `datasets` builder (and its options).
+BUILDERS = {
+    ".txt": ("text", {"sample_by": "document"}),  # one file, one document: EOS goes between files, not lines
+    ".text": ("text", {"sample_by": "document"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".parquet": ("parquet", {}),
+}
+# `datasets` reads these compressed files as they are: `reviews.csv.bz2` is a csv file.
+COMPRESSED = (".bz2", ".gz", ".xz", ".zst")
+
+
+def data_suffix(file: str) -> str:
+    path = Path(file)
+    if path.suffix.lower() in COMPRESSED:
+        path = path.with_suffix("")
+    return path.suffix.lower()
+
+
+def expand(patterns: list[str]) -> list[str]:
+    return sorted({match for pattern in patterns for match in (glob.glob(pattern) or [pattern])})
+
+
+def load_files(patterns: list[str], split: str, streaming: bool = False):
+    """Text/json/jsonl/csv/tsv/parquet files (globs allowed) or a `save_to_disk` folder, as one Dataset, or as an
+    IterableDataset read as it is iterated when `streaming`."""
+    if len(patterns) == 1 and Path(patterns[0]).is_dir():
+        loaded = load_saved_dataset(patterns[0], split)
+        return loaded.to_iterable_dataset() if streaming else loaded
+    files = expand(patterns)
+    for file in files:
+        if not Path(file).is_file():
+            raise DataError(f"{file}: no such file (or the pattern matches nothing).")
+        if Path(file).stat().st_size == 0:
+            raise DataError(f"{file} is empty.")
+    suffixes = {data_suffix(file) for file in files}
+    unknown = suffixes - BUILDERS.keys()
+    if unknown or len({BUILDERS[suffix][0] for suffix in suffixes - unknown}) > 1:
+        raise DataError(
+            f"Cannot read {sorted(suffixes)} files together: give files of one kind, one of {sorted(BUILDERS)}, "
+            "or a folder written by `Dataset.save_to_disk`."
+        )
+    builder, options = BUILDERS[suffixes.pop()]
+    for file in files:
+        if builder != "parquet" and Path(file).suffix.lower() not in COMPRESSED:
+            check_utf8(file)
+    try:
+        return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
+                                     **options)
+    except Exception as error:  # datasets wraps parser errors in several exception types
+        raise DataError(f"Could not read {files}: {error}") from error
+
+
+def row_location(patterns: list[str], index: int) -> str:
+    """Where row `index` of `load_files(patterns)` came from, e.g. "train.csv, row 7" (rows count from 1, after any
+    header). Only asked for when reporting a bad row, so it may re-read the files."""
+    if len(patterns) == 1 and Path(patterns[0]).is_dir():
+        return f"{patterns[0]}, row {index + 1}"
+    for file in expand(patterns):
+        rows = len(load_files([file], "train"))
+        if index < rows:
+            return f"{file}, row {index + 1}"
+        index -= rows
+    raise IndexError(index)
+
+
+def load_saved_dataset(folder: str, split: str) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(folder)
+    except FileNotFoundError:
+        raise DataError(f"{folder} is a folder but not one written by `Dataset.save_to_disk`.") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{folder} has the splits {list(loaded)}, not {split!r}.")
+        loaded = loaded[split]
+    return loaded
+
+
+def check_utf8(file: str, chunk_size: int = 1 << 20) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(file, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                raise DataError(f"{file} is not UTF-8 text (byte {offset + error.start}).") from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{file} is not UTF-8 text (it ends inside a character).") from None
+
+
+def check_columns(dataset, columns: list[str], flag: str) -> None:
+    # A stream may not know its columns before it is read: then its first row says.
+    names = list(dataset.features) if dataset.features else list(next(iter(dataset), {}))
+    missing = [column for column in columns if column not in names]
+    if missing:
+        plain_text = " (plain text files hold only 'text': use csv, tsv or jsonl for labelled data)"
+        hint = plain_text if names == ["text"] else ""
+        raise DataError(f"{flag} {missing[0]!r} is not a column of the data; its columns are {names}{hint}.")
+
+
+def hold_out(train, percentage: int, seed: int):
+    """(train, validation): `percentage`% of the training examples, drawn at random from `seed`, held out. Too few
+    examples for one gives (train, None)."""
+    held_out = len(train) * percentage // 100
+    if held_out == 0:
+        return train, None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    kept, validation = sorted(order[held_out:]), sorted(order[:held_out])
+    if isinstance(train, datasets.Dataset):
+        return train.select(kept), train.select(validation)
+    return Subset(train, kept), Subset(train, validation)
+
+
+def train_loader(dataset, batch_size: int, collate_fn=None) -> torch.utils.data.DataLoader:
+    """Shuffled batches drawn from a generator of their own, never from the global RNG that dropout uses (a stream
+    is read in order)."""
+    shuffle = not isinstance(dataset, torch.utils.data.IterableDataset)
+    return torch.utils.data.DataLoader(dataset, shuffle=shuffle, batch_size=batch_size, collate_fn=collate_fn,
+                                       generator=torch.Generator() if shuffle else None)

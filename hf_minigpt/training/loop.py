@@ -1,0 +1,385 @@
+"""The loop: the Accelerator, the optimizer and its schedule, the optimizer steps, stopping, resuming.
+
+A script brings its model, loaders and loss; `TrainingRun.fit` does the rest the same way for every script:
+gradient accumulation, clipping, logging, progress, checkpoints, signals and the NaN stop.
+"""
+
+import gc
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+from transformers.trainer_pt_utils import get_parameter_names
+
+from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, save_model_folder
+from .data import DataError
+from .report import Log, plot_losses, write_json
+from .settings import flags
+
+
+class DivergedError(RuntimeError):
+    """The loss stopped being a finite number."""
+
+
+class Stopped(Exception):
+    """A signal stopped training after a checkpoint; the process exits with the shell's code for it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
+
+
+class RunComplete(Exception):
+    """Nothing to do: the output folder already holds the finished run that was asked for."""
+
+
+def run_script(prog: str, parse, train, argv=None) -> None:
+    """A training script's entry point. Bad data, or a loss that diverges, ends it with one line, not a trace; a
+    signal ends it with the shell's exit code for that signal, so that `train && publish` does not publish."""
+    settings = parse(argv)
+    created = not Path(settings.run.output_dir).exists()
+    accelerator = start(settings, prog)
+    outcome = None
+    try:
+        train(settings, accelerator)
+    except DataError as error:
+        if created and accelerator.is_main_process:  # a refused run leaves nothing behind
+            shutil.rmtree(settings.run.output_dir, ignore_errors=True)
+        outcome = f"{prog}: error: {error}"
+    except DivergedError as error:
+        outcome = f"{prog}: {error}"
+    except RunComplete as complete:
+        print(f"{prog}: {complete}")
+    except Stopped as stopped:
+        outcome = stopped.exit_code
+    # Only here, where no frame holds the DDP-wrapped model any more: its reducer must be freed before the process
+    # group is destroyed, or freeing it blocks forever on the destroyed group.
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
+    if outcome is not None:
+        sys.exit(outcome)
+
+
+def start(settings, name: str) -> Accelerator:
+    """The Accelerator, seeded, with trackers started and the output folder ready."""
+    run = settings.run
+    if not sys.stderr.isatty():  # progress bars written into a log file are noise
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=settings.optimization.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        log_with=None if run.report_to == "none" else run.report_to,
+        project_dir=run.output_dir,
+        # Shuffling from a seed of its own makes every process, and a resumed run, draw the same order.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dynamo_backend="inductor" if run.torch_compile else None,
+    )
+    set_seed(run.seed)
+    if accelerator.is_main_process:
+        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+        if run.overwrite_output_dir and not run.resume_from_checkpoint:
+            for old in list_checkpoints(run.output_dir):
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    if run.report_to != "none":
+        accelerator.init_trackers(name, config={k: str(v) for k, v in flags(settings).items()})
+    return accelerator
+
+
+def resume_point(run) -> Path | None:
+    """The checkpoint to resume from (settings checked that it exists)."""
+    return find_checkpoint(run.output_dir, run.resume_from_checkpoint) if run.resume_from_checkpoint else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only: biases and LayerNorm weights are left alone. Fused: one pass
+    over each tensor instead of several (5x faster on a CPU, as transformers' Trainer uses it by default)."""
+    decay = {name for name in get_parameter_names(model, [nn.LayerNorm]) if not name.endswith("bias")}
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+
+
+DEFAULT_EPOCHS = 3
+
+
+@dataclass
+class Plan:
+    steps_per_epoch: int
+    max_steps: int
+    epochs: int
+
+
+def plan_steps(optimization, batches_per_epoch: int | None) -> Plan:
+    """How long to train, as run_clm_no_trainer.py computes it; without an explicit length, a dataset too small for
+    `--min_train_steps` in the default epochs is repeated until it fills them (nanoGPT counts iterations, not epochs,
+    for the same reason). A stream (no length) is one pass of `--max_train_steps`."""
+    if batches_per_epoch is None:
+        return Plan(optimization.max_train_steps, optimization.max_train_steps, 1)
+    steps_per_epoch = math.ceil(batches_per_epoch / optimization.gradient_accumulation_steps)
+    if optimization.max_train_steps:
+        total = optimization.max_train_steps
+    elif optimization.num_train_epochs:
+        total = optimization.num_train_epochs * steps_per_epoch
+    else:
+        total = max(DEFAULT_EPOCHS, math.ceil(optimization.min_train_steps / steps_per_epoch)) * steps_per_epoch
+    return Plan(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+
+def optimizer_and_schedule(model, optimization, max_steps: int, processes: int):
+    optimizer = adamw(model, optimization.learning_rate, optimization.weight_decay)
+    # The prepared scheduler steps once per process on each optimizer step, hence the factor (as in run_clm).
+    scheduler = get_scheduler(optimization.lr_scheduler_type, optimizer,
+                              num_warmup_steps=optimization.num_warmup_steps * processes,
+                              num_training_steps=max_steps * processes)
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stopping
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to save and stop at the next step; a second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def agreed(self, accelerator) -> bool:
+        """True on every process once any process was signalled, so all of them stop at the same step."""
+        if accelerator.num_processes == 1:
+            return bool(self.requested)
+        flag = torch.tensor(float(bool(self.requested)), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def sized(loader) -> bool:
+    return not isinstance(loader.dataset, torch.utils.data.IterableDataset)
+
+
+class TrainingRun:
+    """One run of optimizer steps over prepared objects. `state` is what a checkpoint holds beyond Accelerate's own:
+    the step, the data position, the sum of the logged losses, the script's extras, and the batch geometry, which a
+    resumed run must not change. The log itself is a file in the output folder (`report.Log`)."""
+
+    def __init__(self, accelerator, settings, model, tokenizer, train_loader, eval_loader, *, geometry: dict,
+                 unit: str, items_per_batch: int, name: str):
+        self.accelerator, self.settings, self.tokenizer, self.unit = accelerator, settings, tokenizer, unit
+        self.name = name
+        optimization, processes = settings.optimization, accelerator.num_processes
+        self.plan = plan_steps(optimization, math.ceil(len(train_loader) / processes) if sized(train_loader) else None)
+        optimizer, scheduler = optimizer_and_schedule(model, optimization, self.plan.max_steps, processes)
+        self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
+            model, optimizer, train_loader, eval_loader, scheduler
+        )
+        geometry = {**geometry, "num_processes": processes, "seed": settings.run.seed,
+                    "per_device_train_batch_size": optimization.per_device_train_batch_size,
+                    "gradient_accumulation_steps": optimization.gradient_accumulation_steps}
+        self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "loss_sum": 0.0,
+                      "geometry": geometry, "extra": {}}
+        self.last_checkpoint = resume = resume_point(settings.run)
+        if resume is not None:
+            self.state = load_checkpoint(accelerator, resume)
+            if self.state["geometry"] != geometry:
+                changed = [key for key in geometry if self.state["geometry"].get(key) != geometry[key]]
+                raise DataError(f"{resume} was trained with other {changed}: {self.state['geometry']}. "
+                                "Resume with those.")
+            self.refuse_to_redo_a_finished_run(resume)
+            accelerator.print(f"Resuming from {resume} at step {self.state['completed_steps']}.")
+        self.log_file = Log(settings.run.output_dir, accelerator.is_main_process,
+                            resumed_at=self.state["completed_steps"] if resume else None)
+        self.last_entry = {}
+        self.items_per_step = items_per_batch * processes * optimization.gradient_accumulation_steps
+        self.steps_this_run, self.seconds = 0, 0.0
+
+    def refuse_to_redo_a_finished_run(self, resume: Path) -> None:
+        """Resuming a run whose model is already in --output_dir either has nothing to do, or must start from the
+        end of it: never retrain from an older checkpoint over the finished model."""
+        results = Path(self.settings.run.output_dir, "all_results.json")
+        if not results.exists():
+            return
+        finished = json.loads(results.read_text()).get("train_steps", 0)
+        if self.plan.max_steps <= finished:
+            raise RunComplete(
+                f"{self.settings.run.output_dir} already holds the finished run ({finished} steps); nothing changed. "
+                f"Pass a --max_train_steps above {finished} to train it further."
+            )
+        if self.state["completed_steps"] < finished:
+            raise DataError(
+                f"{resume} (step {self.state['completed_steps']}) is older than the finished model in "
+                f"{self.settings.run.output_dir} ({finished} steps): resuming from it would retrain over that model. "
+                "Start a new --output_dir from it with --model_name_or_path instead."
+            )
+
+    @property
+    def step(self) -> int:
+        return self.state["completed_steps"]
+
+    def log(self, entry: dict, prefix: str) -> None:
+        self.last_entry = {"step": self.step, **entry}
+        self.log_file.append(self.last_entry)
+        self.accelerator.log({f"{prefix}/{key}": value for key, value in entry.items()}, step=self.step)
+
+    def checkpoint(self) -> Path:
+        run = self.settings.run
+        self.last_checkpoint = save_checkpoint(self.accelerator, run.output_dir, self.state, run.save_total_limit,
+                                               self.model, self.tokenizer)
+        return self.last_checkpoint
+
+    def throughput(self) -> float:
+        return self.steps_this_run * self.items_per_step / max(self.seconds, 1e-9)
+
+    def fit(self, compute_loss, after_step=None, after_epoch=None) -> None:
+        """Train to the end, or until a signal (then a checkpoint is saved and `Stopped` raised). `after_epoch`
+        returning True ends training early."""
+        accelerator, run, state, model = self.accelerator, self.settings.run, self.state, self.model
+        max_grad_norm, plan = self.settings.optimization.max_grad_norm, self.plan
+        # A bar on a terminal; in a log file (not a terminal) a line every 5% of the steps instead.
+        to_terminal = sys.stderr.isatty()
+        progress = tqdm(total=plan.max_steps, initial=self.step, desc=self.name,
+                        disable=not (accelerator.is_local_main_process and to_terminal))
+        line_every = max(1, plan.max_steps // 20)
+        started = time.perf_counter()
+        with StopRequest() as stop:
+            for epoch in range(state["epoch"], plan.epochs):
+                if self.step >= plan.max_steps:
+                    break
+                state["epoch"] = epoch
+                self.train_loader.set_epoch(epoch)
+                model.train()
+                loader = self.train_loader
+                if state["batches_in_epoch"]:
+                    loader = accelerator.skip_first_batches(self.train_loader, state["batches_in_epoch"])
+                micro_losses, exhausted = [], True
+                for batch in loader:
+                    with accelerator.accumulate(model):
+                        loss = compute_loss(model, batch)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and max_grad_norm:
+                            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad()
+                    micro_losses.append(loss.detach())
+                    state["batches_in_epoch"] += 1
+                    if not accelerator.sync_gradients:
+                        continue
+
+                    loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+                    micro_losses = []
+                    state["completed_steps"] += 1
+                    self.steps_this_run += 1
+                    self.seconds = time.perf_counter() - started
+                    if not math.isfinite(loss):
+                        where = f"the last good checkpoint is {self.last_checkpoint}"
+                        if self.last_checkpoint is None:
+                            where = "no checkpoint was saved"
+                        raise DivergedError(
+                            f"The training loss is {loss} at step {self.step}; stopping ({where}, left untouched). "
+                            "Lower --learning_rate, raise --num_warmup_steps, or use --mixed_precision bf16 over fp16."
+                        )
+                    state["loss_sum"] += loss
+                    learning_rate = self.scheduler.get_last_lr()[0]
+                    self.log({"epoch": round(self.step / plan.steps_per_epoch, 4), "loss": loss,
+                              "learning_rate": learning_rate}, "train")
+                    progress.update(1)
+                    figures = {"loss": f"{loss:.4f}", "lr": f"{learning_rate:.2e}",
+                               f"{self.unit}_s": f"{self.throughput():.0f}"}
+                    progress.set_postfix(**figures)
+                    if not to_terminal and (self.step % line_every == 0 or self.step == plan.max_steps):
+                        accelerator.print(f"step {self.step}/{plan.max_steps}: "
+                                          + ", ".join(f"{key} {value}" for key, value in figures.items()))
+                    if after_step is not None:
+                        hook_started = time.perf_counter()
+                        after_step(self.step, progress.write)
+                        started += time.perf_counter() - hook_started  # throughput counts training only
+
+                    interrupted = stop.agreed(accelerator)
+                    if interrupted or (run.checkpoint_every and self.step % run.checkpoint_every == 0):
+                        self.checkpoint()
+                    if interrupted:
+                        progress.close()
+                        accelerator.print(f"Stopped by a signal at step {self.step}; saved {self.last_checkpoint}. "
+                                          "Continue with --resume_from_checkpoint latest.")
+                        raise Stopped(stop.requested or signal.SIGINT)
+                    if self.step >= plan.max_steps:
+                        exhausted = False
+                        break
+                # An epoch cut short by the last step still ends with `after_epoch` (evaluation), but stays the
+                # current epoch, so that a longer run resumes inside it.
+                epoch_finished = exhausted or (
+                    sized(self.train_loader) and state["batches_in_epoch"] >= len(self.train_loader))
+                if epoch_finished:
+                    state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
+                stop_early = after_epoch is not None and after_epoch(epoch, progress.write)
+                if run.checkpointing_steps == "epoch":
+                    self.checkpoint()
+                if stop_early or not epoch_finished:
+                    break
+        progress.close()
+        if run.checkpointing_steps and not self.last_checkpoint_is(self.step):
+            self.checkpoint()  # so that a later, longer run continues from the end rather than from before it
+
+    def last_checkpoint_is(self, step: int) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{step}"
+
+    def save(self, results: dict) -> None:
+        """The trained model and tokenizer into --output_dir, with `results` (all_results.json) and the loss curve;
+        every process takes part."""
+        output_dir = Path(self.settings.run.output_dir)
+        save_model_folder(output_dir, self.model, self.tokenizer, accelerator=self.accelerator, existing="merge")
+        if self.accelerator.is_main_process:
+            write_json(output_dir / "all_results.json", results)
+            plot_losses(self.log_file.entries(), output_dir / "loss.png")
+
+    def summary(self) -> dict:
+        """The `train_*` entries of all_results.json."""
+        return {
+            "train_loss": self.state["loss_sum"] / max(self.step, 1),
+            "train_steps": self.step,
+            "epoch": round(self.step / self.plan.steps_per_epoch, 4),
+            "train_runtime": self.seconds,
+            f"train_{self.unit}_per_second": self.throughput(),
+        }

@@ -1,0 +1,194 @@
+"""Settings: what a training script is told, as typed dataclasses, read once from the command line.
+
+Each group of flags is a dataclass whose fields carry their help text; `parse` turns the command line into them
+with transformers' `HfArgumentParser`, then checks them all at once, so that a run with three mistakes says all
+three, in one line, before anything is loaded. A flag means the same thing in every script.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from transformers import HfArgumentParser, SchedulerType
+
+from .checkpoint import find_checkpoint
+
+
+def setting(default=None, help: str = "", **argparse_options):
+    """A field with its help text, and any other `add_argument` options (choices, metavar...)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
+
+
+def listing(help: str):
+    """A field that takes one or more values (`nargs="+"`), unset by default."""
+    return field(default=None, metadata={"help": help})
+
+
+@dataclass
+class RunSettings:
+    """Where the run writes, how it saves and resumes."""
+
+    _argument_group_name = "run"
+    output_dir: str = field(metadata={"help": "Where the model, tokenizer, results and checkpoints go."})
+    overwrite_output_dir: bool = setting(False, "Start over in a non-empty --output_dir.")
+    seed: int = setting(42, "Seeds weights, data order, the validation split and dropout.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = setting(help="Default: Accelerate's config.")
+    torch_compile: bool = setting(False, "Train the `torch.compile`d model.")
+    checkpointing_steps: str | None = setting(help="Save every N optimizer steps, or 'epoch'.")
+    resume_from_checkpoint: str | None = setting(help="A checkpoint folder, or 'latest' in --output_dir.")
+    save_total_limit: int = setting(2, "How many checkpoints to keep.")
+    report_to: str = setting("none", "Accelerate trackers: 'all', 'tensorboard', 'wandb'...")
+
+    def problems(self) -> list[str]:
+        found = at_least_one(self, "save_total_limit")
+        if self.checkpointing_steps not in (None, "epoch") and not (
+                self.checkpointing_steps.isdigit() and int(self.checkpointing_steps) > 0):
+            found.append(f"--checkpointing_steps takes a number of steps or 'epoch', not {self.checkpointing_steps!r}")
+        if not self.resume_from_checkpoint and not self.overwrite_output_dir and holds_a_run(self.output_dir):
+            found.append(f"{self.output_dir} already holds a run. Continue it with --resume_from_checkpoint latest, "
+                         "start over with --overwrite_output_dir, or pick another --output_dir")
+        if self.resume_from_checkpoint and isinstance(
+                problem := find_checkpoint(self.output_dir, self.resume_from_checkpoint), str):
+            found.append(problem)
+        return found
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        return int(self.checkpointing_steps) if str(self.checkpointing_steps).isdigit() else None
+
+
+@dataclass
+class OptimizationSettings:
+    """The optimizer, its schedule, and how long to train."""
+
+    _argument_group_name = "optimization"
+    per_device_train_batch_size: int = setting(8, "Training rows per process.")
+    gradient_accumulation_steps: int = setting(1, "Batches per optimizer step.")
+    learning_rate: float = setting(5e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = setting(0.0, "Not applied to biases and LayerNorm weights.")
+    max_grad_norm: float = setting(1.0, "Gradients are clipped to this norm (0: not clipped).")
+    lr_scheduler_type: str = setting("linear", "Learning-rate schedule, one of: %(choices)s.",
+                                     choices=[kind.value for kind in SchedulerType], metavar="SCHEDULE")
+    num_warmup_steps: int = setting(0, "Steps of linear learning-rate warm-up.")
+    num_train_epochs: int | None = setting(help="Passes over the training data (default: 3).")
+    max_train_steps: int | None = setting(help="Overrides --num_train_epochs.")
+    min_train_steps: int = setting(0, "Without --num_train_epochs or --max_train_steps, repeat a small dataset for "
+                                   "at least this many optimizer steps.")
+
+    def problems(self) -> list[str]:
+        found = at_least_one(self, "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs",
+                             "max_train_steps")
+        found += [f"--{name} must not be negative, got {getattr(self, name)}"
+                  for name in ("num_warmup_steps", "min_train_steps", "weight_decay", "max_grad_norm")
+                  if getattr(self, name) < 0]
+        if self.learning_rate <= 0:
+            found.append(f"--learning_rate must be positive, got {self.learning_rate}")
+        return found
+
+
+@dataclass
+class DataSettings:
+    """The data files, and the validation set."""
+
+    _argument_group_name = "data"
+    train_file: list[str] | None = listing("Files (or globs), or a folder written by `save_to_disk`.")
+    validation_file: list[str] | None = listing("Same formats as --train_file.")
+    text_column: str = setting("text", "The column that holds the text, in json/jsonl/csv/tsv/parquet data.")
+    validation_split_percentage: int = setting(
+        5, "Without --validation_file: this percentage of the training examples, drawn at random (--seed), is held "
+        "out for validation.")
+    per_device_eval_batch_size: int = setting(8, "Evaluation rows per batch.")
+    preprocessing_num_workers: int | None = setting(help="Processes for `datasets.map`.")
+
+    def problems(self) -> list[str]:
+        found = at_least_one(self, "per_device_eval_batch_size", "preprocessing_num_workers")
+        if not 0 <= self.validation_split_percentage < 100:
+            found.append(f"--validation_split_percentage must be in 0..99, got {self.validation_split_percentage}")
+        if self.validation_file and not self.train_file:
+            found.append("--validation_file needs a --train_file")
+        return found
+
+
+@dataclass
+class HubSettings:
+    """Pushing the finished model to a hub."""
+
+    _argument_group_name = "hub"
+    push_to_hub: bool = setting(False, "Push the output folder when training ends.")
+    hub_model_id: str | None = setting(help="Repository to push to, e.g. your-name/minigpt-pydoc.")
+    hub_token: str | None = setting(help="Default: HF_TOKEN, or the token saved by `hf auth login`.")
+    hub_private_repo: bool = setting(False, "Create the repository as private.")
+
+    def problems(self) -> list[str]:
+        return ["--push_to_hub needs --hub_model_id (your-name/model-name)"] if (
+            self.push_to_hub and not self.hub_model_id) else []
+
+
+def at_least_one(settings, *names: str) -> list[str]:
+    return [f"--{name} must be at least 1, got {getattr(settings, name)}" for name in names
+            if getattr(settings, name) is not None and getattr(settings, name) < 1]
+
+
+def holds_a_run(output_dir: str) -> bool:
+    folder = Path(output_dir)
+    return (folder / "config.json").exists() or any(folder.glob("step_*"))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows every default that is set."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+def parse(settings_class, prog: str, description: str, argv=None, defaults: dict | None = None, check=None):
+    """`settings_class` (a dataclass whose fields are settings groups) from the command line `argv`. `defaults`
+    overrides the groups' defaults for this script; `check(settings)` adds the script's own problems. Every problem
+    is reported at once through `parser.error`: one line, exit status 2."""
+    groups = {group.name: group.type for group in dataclasses.fields(settings_class)}
+    parser = HfArgumentParser(list(groups.values()), prog=prog, description=description,
+                              formatter_class=HelpFormatter)
+    parser.set_defaults(**(defaults or {}))
+    parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    settings = settings_class(**dict(zip(groups, parsed)))
+    problems = [problem for group in parsed if hasattr(group, "problems") for problem in group.problems()]
+    problems += check(settings) if check else []
+    if problems:
+        parser.error("; ".join(problems) + ".")
+    return settings
+
+
+def flags(settings) -> dict:
+    """Every setting by flag name, for trackers and reports."""
+    return {name: value for group in dataclasses.fields(settings)
+            for name, value in dataclasses.asdict(getattr(settings, group.name)).items()}
+
+
+def model_source_problem(name: str | None, flag: str) -> str | None:
+    """What is wrong with a model folder or hub id, said at once rather than after a minute of retries."""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            return f"{flag} {name} is a folder but holds no model (no config.json)"
+        return None
+    if path.exists():
+        return f"{flag} {name} is a file; give the folder that holds the model"
+    first = Path(name).parts[0] if Path(name).parts else name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(first).is_dir():
+        return f"{flag} {name}: no such folder"
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        model_info(name, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError):
+        return f"{flag} {name}: no such folder here, and no such model on the hub"
+    except Exception as error:  # offline, DNS, timeouts, proxies: one line that says so
+        return f"{flag} {name}: no such folder here, and the hub could not give it ({error})"
+    return None
