@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import MiniGPTConfig, MiniGPTForCausalLM
 from .hub import push_after_training
-from .training.data import DataError, check_columns, hold_out, load_files, train_loader
+from .training.data import DataError, check_columns, hold_out, load_files, pieces, train_loader
 from .training.loop import TrainingRun, resume_point, run_script
 from .training.report import file_names, optimization_rows, write_model_card
 from .training.settings import (
@@ -38,7 +38,6 @@ from .training.tokens import (
     StreamedBlocks,
     TokenBlocks,
     fit_embeddings,
-    pieces,
     read_shards,
     token_shards,
     tokenize_to_shard,
@@ -150,12 +149,12 @@ def load_texts(data: DataSettings, split: str, streaming: bool):
     patterns = data.train_file if split == "train" else data.validation_file
     if patterns is None:
         return embedded_corpus() if split == "train" else None
-    texts = load_files(patterns, split, streaming)
+    texts = load_files(patterns, split, streaming, in_pieces=True)
     check_columns(texts, [data.text_column], "--text_column")
     if not streaming:
         if texts.features[data.text_column].dtype not in ("string", "large_string"):
             raise DataError(f"--text_column {data.text_column!r} holds {texts.features[data.text_column]}, not text.")
-        if not any(texts[data.text_column]):
+        if not any(text for batch in texts.iter(batch_size=256) for text in batch[data.text_column]):
             raise DataError(f"{file_names(patterns)}: every {data.text_column!r} value is empty.")
     return texts
 

@@ -421,3 +421,20 @@ def test_a_streamed_run_resumes_exactly(tmp_path, tiny_checkpoint):
     pretrain(*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "parts"), "--resume_from_checkpoint",
              "latest")
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 8
+
+
+def test_a_text_file_read_in_pieces_gives_the_pieces_of_the_whole_document(tmp_path, monkeypatch):
+    from hf_minigpt.training import data
+
+    monkeypatch.setattr(data, "PIECE_CHARS", 16)
+    lines = ["short", "a line that is longer than a piece", "", "x" * 40, "end"]
+    text = "\n".join(lines) + "\nno newline at the end " * 3
+    for name, content in (("a.txt", text), ("b.txt", "tiny"), ("c.txt", "y" * 32)):
+        (tmp_path / name).write_text(content)
+    files = sorted(str(path) for path in tmp_path.glob("*.txt"))
+    documents = {"text": [Path(file).read_text() for file in files]}
+    assert list(data.read_pieces(files)) == [
+        {"text": piece, "starts_document": first} for piece, first in
+        zip(*data.split_documents(documents, "text").values())]
+    read = data.load_files([str(tmp_path / "*.txt")], "train", in_pieces=True)
+    assert "".join(read["text"]) == "".join(documents["text"]) and sum(read["starts_document"]) == 3

@@ -30,6 +30,8 @@ BUILDERS = {
 }
 # `datasets` reads these compressed files as they are: `reviews.csv.bz2` is a csv file.
 COMPRESSED = (".bz2", ".gz", ".xz", ".zst")
+PIECE_CHARS = 2**16  # long documents are read, tokenized and held in pieces of up to this many characters
+PIECES = datasets.Features({"text": datasets.Value("string"), "starts_document": datasets.Value("bool")})
 
 
 def data_suffix(file: str) -> str:
@@ -43,9 +45,10 @@ def expand(patterns: list[str]) -> list[str]:
     return sorted({match for pattern in patterns for match in (glob.glob(pattern) or [pattern])})
 
 
-def load_files(patterns: list[str], split: str, streaming: bool = False):
+def load_files(patterns: list[str], split: str, streaming: bool = False, in_pieces: bool = False):
     """Text/json/jsonl/csv/tsv/parquet files (globs allowed) or a `save_to_disk` folder, as one Dataset, or as an
-    IterableDataset read as it is iterated when `streaming`."""
+    IterableDataset read as it is iterated when `streaming`. With `in_pieces`, plain text files come as `pieces`
+    of their documents, read a piece at a time: a large file is never held whole."""
     if len(patterns) == 1 and Path(patterns[0]).is_dir():
         loaded = load_saved_dataset(patterns[0], split)
         return loaded.to_iterable_dataset() if streaming else loaded
@@ -66,11 +69,56 @@ def load_files(patterns: list[str], split: str, streaming: bool = False):
     for file in files:
         if builder != "parquet" and Path(file).suffix.lower() not in COMPRESSED:
             check_utf8(file)
+    if in_pieces and builder == "text" and not any(Path(file).suffix.lower() in COMPRESSED for file in files):
+        # The files' sizes and times are in the arguments so that `datasets`' cache sees a file that changed.
+        versions = [(Path(file).stat().st_size, Path(file).stat().st_mtime_ns) for file in files]
+        source = datasets.IterableDataset if streaming else datasets.Dataset
+        return source.from_generator(read_pieces, features=PIECES, gen_kwargs={"files": files, "versions": versions})
     try:
         return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming,
                                      **options)
     except Exception as error:  # datasets wraps parser errors in several exception types
         raise DataError(f"Could not read {files}: {error}") from error
+
+
+def split_documents(batch, column: str) -> dict:
+    """Each document as pieces of about PIECE_CHARS characters, cut after a newline where there is one, with a flag
+    on each document's first piece: a large file is then tokenized, and held in memory, a piece at a time."""
+    pieces, starts = [], []
+    for text in batch[column]:
+        text, start = text or "", 0
+        while start == 0 or start < len(text):
+            end = start + PIECE_CHARS
+            if end < len(text):
+                end = text.rfind("\n", start, end) + 1 or end
+            pieces.append(text[start:end])
+            starts.append(start == 0)
+            start = end
+    return {"text": pieces, "starts_document": starts}
+
+
+def pieces(texts, column: str):
+    """`texts` (a Dataset or a streamed IterableDataset) as pieces of documents: columns "text", "starts_document"."""
+    if texts.features == PIECES:
+        return texts  # read in pieces already
+    description = {"desc": "Cutting documents into pieces"} if isinstance(texts, datasets.Dataset) else {}
+    return texts.select_columns([column]).map(split_documents, batched=True, batch_size=1, fn_kwargs={"column": column},
+                                              remove_columns=[column], **description)
+
+
+def read_pieces(files: list[str], versions=None):
+    """The pieces `split_documents` cuts each file (one document) into, read from the file one piece at a time."""
+    for file in files:
+        with open(file, encoding="utf-8") as handle:
+            text, first = handle.read(PIECE_CHARS), True
+            while True:
+                ahead = handle.read(1)  # whether the document goes on after this piece
+                end = (text.rfind("\n") + 1 or len(text)) if ahead else len(text)
+                yield {"text": text[:end], "starts_document": first}
+                if not ahead:
+                    break
+                rest = text[end:] + ahead
+                text, first = rest + handle.read(PIECE_CHARS - len(rest)), False
 
 
 def row_location(patterns: list[str], index: int) -> str:

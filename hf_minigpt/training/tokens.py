@@ -22,13 +22,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .data import DataError, expand
+from .data import DataError, expand, pieces
 
 HEADER_INTS = 256
 FORMATS = {np.dtype(np.uint16): (20240520, 1), np.dtype(np.uint32): (20240801, 7)}  # dtype -> (magic, version)
-
-
-PIECE_CHARS = 2**16  # documents are tokenized in pieces of up to this many characters
 
 
 class ShardError(ValueError):
@@ -58,29 +55,6 @@ def fit_embeddings(model, tokenizer) -> None:
     """A tokenizer with more tokens than the model has embeddings (e.g. a new --tokenizer_name) gets new rows."""
     if len(tokenizer) > model.config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))
-
-
-def split_documents(batch, column: str) -> dict:
-    """Each document as pieces of about PIECE_CHARS characters, cut after a newline where there is one, with a flag
-    on each document's first piece: a large file is then tokenized, and held in memory, a piece at a time."""
-    pieces, starts = [], []
-    for text in batch[column]:
-        text, start = text or "", 0
-        while start == 0 or start < len(text):
-            end = start + PIECE_CHARS
-            if end < len(text):
-                end = text.rfind("\n", start, end) + 1 or end
-            pieces.append(text[start:end])
-            starts.append(start == 0)
-            start = end
-    return {"text": pieces, "starts_document": starts}
-
-
-def pieces(texts, column: str):
-    """`texts` (a Dataset or a streamed IterableDataset) as pieces of documents: columns "text", "starts_document"."""
-    description = {"desc": "Cutting documents into pieces"} if isinstance(texts, datasets.Dataset) else {}
-    return texts.select_columns([column]).map(split_documents, batched=True, batch_size=1, fn_kwargs={"column": column},
-                                              remove_columns=[column], **description)
 
 
 def token_ids(texts, tokenizer, column: str, workers: int | None = None):
