@@ -180,7 +180,9 @@ def load_tokenizer(settings: PretrainSettings, texts, resume: Path | None, accel
 
 def pick_block_size(settings: PretrainSettings, resume: Path | None) -> int:
     source = resume or settings.model.model_name_or_path
-    n_positions = AutoConfig.from_pretrained(source).n_positions if source else NEW_MODEL_POSITIONS
+    # A new model is made as long as its blocks.
+    n_positions = AutoConfig.from_pretrained(source).n_positions if source else (
+        settings.corpus.block_size or NEW_MODEL_POSITIONS)
     block_size = settings.corpus.block_size or min(n_positions, 1024)
     if block_size > n_positions:
         raise DataError(f"--block_size {block_size} must be between 2 and the model's n_positions ({n_positions}).")

@@ -199,6 +199,16 @@ def test_block_size_beyond_the_context_is_refused(tmp_path, tiny_checkpoint):
               "--output_dir", str(tmp_path / "out")])
 
 
+def test_a_new_model_is_as_long_as_its_blocks(tmp_path, tiny_checkpoint):
+    from hf_minigpt.pretrain import pick_block_size
+
+    for flags, expected in (([], 128), (["--block_size", "256"], 256)):
+        settings = parse_args(["--output_dir", str(tmp_path / "out"), *flags])
+        assert pick_block_size(settings, resume=None) == expected
+    continued = parse_args(["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tiny_checkpoint)])
+    assert pick_block_size(continued, resume=None) == 32  # the checkpoint's n_positions
+
+
 def test_a_previous_run_is_not_overwritten(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert "already holds a run. Continue it with --resume_from_checkpoint latest" in refused(
