@@ -17,13 +17,9 @@ from .checkpoint import find_checkpoint
 
 
 def setting(default=None, help: str = "", **argparse_options):
-    """A field with its help text, and any other `add_argument` options (choices, metavar...)."""
+    """A field with its help text, and any other `add_argument` options (choices, metavar...). A `list[...]` field
+    takes one or more values."""
     return field(default=default, metadata={"help": help, **argparse_options})
-
-
-def listing(help: str):
-    """A field that takes one or more values (`nargs="+"`), unset by default."""
-    return field(default=None, metadata={"help": help})
 
 
 @dataclass
@@ -93,8 +89,8 @@ class DataSettings:
     """The data files, and the validation set."""
 
     _argument_group_name = "data"
-    train_file: list[str] | None = listing("Files (or globs), or a folder written by `save_to_disk`.")
-    validation_file: list[str] | None = listing("Same formats as --train_file.")
+    train_file: list[str] | None = setting(help="Files (or globs), or a folder written by `save_to_disk`.")
+    validation_file: list[str] | None = setting(help="Same formats as --train_file.")
     text_column: str = setting("text", "The column that holds the text, in json/jsonl/csv/tsv/parquet data.")
     validation_split_percentage: int = setting(
         5, "Without --validation_file: this percentage of the training examples, drawn at random (--seed), is held "
