@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import platform
 import resource
 import statistics
@@ -573,12 +572,6 @@ def main(argv=None) -> None:
         shape, folder, steps = args._trainer_child
         return trainer_child(json.loads(shape), Path(folder), int(steps))
 
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        # Compiled kernels come from a cache of this run's own: with the shared default cache, a kernel cached by an
-        # earlier process corrupted the heap of the compiled static-cache decode here (glibc aborted; with a fresh
-        # cache the same decode ran). Child processes inherit the setting.
-        inductor_cache = tempfile.TemporaryDirectory(prefix="minigpt-bench-inductor-")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache.name
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes}
