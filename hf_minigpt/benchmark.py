@@ -15,6 +15,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -572,6 +573,7 @@ def main(argv=None) -> None:
         shape, folder, steps = args._trainer_child
         return trainer_child(json.loads(shape), Path(folder), int(steps))
 
+    keep_capped_kernels_apart()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes}
@@ -690,6 +692,18 @@ def cpuinfo(field: str) -> str:
             return next(line for line in lines if line.startswith(field)).split(":", 1)[1].strip()
     except (OSError, StopIteration):
         return ""
+
+
+def keep_capped_kernels_apart() -> None:
+    """A run held to fewer instruction sets (ATEN_CPU_CAPABILITY) compiles into an inductor cache of its own.
+
+    torch 2.13's inductor picks its vector width from ATEN_CPU_CAPABILITY but leaves it out of the key of its graph
+    cache. A graph compiled under `avx2` (8 floats per vector) and served to an uncapped process is built for 16:
+    its kernels write past the end of their buffers, and glibc aborts on the corrupted heap (here in the compiled
+    static-cache decode at 124M). Served the other way it stalled. Keeping the capped kernels apart avoids both."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir(), f"minigpt-bench-inductor-{capability}"))
 
 
 def native_bf16() -> bool:

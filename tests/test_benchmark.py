@@ -1,11 +1,12 @@
 """The benchmark's smoke run (CI runs --quick only; speed targets live in the README, never in tests)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from hf_minigpt.benchmark import native_bf16
+from hf_minigpt.benchmark import keep_capped_kernels_apart, native_bf16
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -40,3 +41,17 @@ def test_quick_benchmark_measures_every_model(tmp_path):
     # Data scale: minigpt-pretrain on two sizes of text, each in a fresh process.
     assert set(report["data scale"]) == {"0.2 MB", "2 MB"} and "MB/s (whole run)" in result.stdout
     assert all(run["peak_rss"] > 2**20 and run["mb_per_second"] > 0 for run in report["data scale"].values())
+
+
+def test_a_capped_run_compiles_into_a_cache_of_its_own(monkeypatch):
+    # torch 2.13's inductor cache would serve kernels generated for one vector width to a process using another.
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    keep_capped_kernels_apart()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # uncapped: the shared default cache
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    keep_capped_kernels_apart()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].endswith("minigpt-bench-inductor-avx2")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen")
+    keep_capped_kernels_apart()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen"  # the user's choice stands
