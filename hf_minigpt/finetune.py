@@ -27,7 +27,7 @@ from . import MiniGPTConfig, MiniGPTForSequenceClassification
 from .hub import push_after_training
 from .training.checkpoint import save_model_folder
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
-from .training.loop import TrainingRun, resume_point, run_script
+from .training.loop import TrainingRun, run_script
 from .training.report import file_names, optimization_rows, pyplot, write_model_card
 from .training.settings import (
     DataSettings,
@@ -242,7 +242,7 @@ def plot_confusion_matrix(predictions, labels, names: list[str], path) -> None:
 
 
 def train(settings: FinetuneSettings, accelerator) -> dict:
-    resume, task = resume_point(settings.run), settings.classification
+    resume, task = settings.run.checkpoint_to_resume, settings.classification
     splits = load_splits(settings)
     problem_type = infer_problem_type(splits["train"].features[task.label_column])
     names = label_names(splits["train"], task.label_column, problem_type)

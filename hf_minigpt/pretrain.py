@@ -10,6 +10,7 @@ read as blocks of `block_size` tokens (`training.tokens`); `--streaming` tokeniz
 runs on CPU, one GPU or many (DDP, FSDP or DeepSpeed through `accelerate config`).
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import MiniGPTConfig, MiniGPTForCausalLM
 from .hub import push_after_training
 from .training.data import DataError, check_columns, hold_out, load_files, pieces, train_loader
-from .training.loop import TrainingRun, resume_point, run_script
+from .training.loop import TrainingRun, run_script
 from .training.report import file_names, optimization_rows, write_model_card
 from .training.settings import (
     DataSettings,
@@ -102,6 +103,11 @@ class PretrainSettings:
     evaluation: EvaluationSettings
     hub: HubSettings
 
+    @functools.cached_property
+    def train_shards(self) -> list[str]:
+        """--train_file's files when they are token shards (.bin), else []."""
+        return token_shards(self.data.train_file)
+
 
 def problems(settings: PretrainSettings) -> list[str]:
     """What no single settings group can see."""
@@ -109,11 +115,11 @@ def problems(settings: PretrainSettings) -> list[str]:
                                         (settings.tokenizer.tokenizer_name, "--tokenizer_name"))
              if (problem := model_source_problem(name, flag))]
     given_tokenizer = settings.tokenizer.tokenizer_name or settings.model.model_name_or_path
-    if token_shards(settings.data.train_file) and not given_tokenizer:
+    if settings.train_shards and not given_tokenizer:
         found.append("--train_file holds token shards: pass the tokenizer that made them (--tokenizer_name or "
                      "--model_name_or_path)")
     if settings.corpus.streaming:
-        if not settings.data.train_file or token_shards(settings.data.train_file):
+        if not settings.data.train_file or settings.train_shards:
             found.append("--streaming reads text files: give them with --train_file")
         if not settings.optimization.max_train_steps:
             found.append("--streaming needs --max_train_steps (a stream has no length to count epochs in)")
@@ -270,9 +276,9 @@ def perplexity(loss: float) -> float:
 
 
 def train(settings: PretrainSettings, accelerator) -> dict:
-    resume = resume_point(settings.run)
+    resume = settings.run.checkpoint_to_resume
     streaming, data = settings.corpus.streaming, settings.data
-    pretokenized = bool(token_shards(data.train_file))
+    pretokenized = bool(settings.train_shards)
     texts = {split: None if pretokenized else load_texts(data, split, streaming) for split in ("train", "validation")}
     tokenizer = load_tokenizer(settings, texts["train"], resume, accelerator)
     block_size = pick_block_size(settings, resume)
@@ -350,7 +356,7 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, seed: int) 
 def write_pretraining_card(settings: PretrainSettings, model, results, samples, block_size,
                            validation_note: str) -> None:
     data, base_model = settings.data, settings.model.model_name_or_path
-    if token_shards(data.train_file):
+    if settings.train_shards:
         training_data = f"Token shards from {file_names(data.train_file)}."
     elif data.train_file:
         training_data = f"Plain text from {file_names(data.train_file)}."

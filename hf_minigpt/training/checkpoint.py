@@ -104,13 +104,15 @@ def list_checkpoints(output_dir) -> list[Path]:
     return sorted((path for path in found if (path / STATE_FILE).exists()), key=lambda path: int(path.name[5:]))
 
 
-def find_checkpoint(output_dir: str, spec: str) -> Path | str:
-    """The checkpoint `--resume_from_checkpoint spec` names, or what is wrong with it (a string)."""
+def find_checkpoint(output_dir: str, spec: str) -> Path:
+    """The checkpoint `--resume_from_checkpoint spec` names; FileNotFoundError says what is wrong with it."""
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else f"--resume_from_checkpoint latest: {output_dir} holds no checkpoint"
+        if not checkpoints:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: {output_dir} holds no checkpoint")
+        return checkpoints[-1]
     if not Path(spec, STATE_FILE).exists():
-        return f"--resume_from_checkpoint {spec}: not a checkpoint folder (it has no {STATE_FILE})"
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (it has no {STATE_FILE})")
     return Path(spec)
 
 

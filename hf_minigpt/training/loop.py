@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
-from .checkpoint import find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, save_model_folder
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_model_folder
 from .data import DataError
 from .report import Log, plot_losses, write_json
 from .settings import flags
@@ -115,11 +115,6 @@ def start(settings, name: str) -> Accelerator:
     if run.report_to != "none":
         accelerator.init_trackers(name, config={k: str(v) for k, v in flags(settings).items()})
     return accelerator
-
-
-def resume_point(run) -> Path | None:
-    """The checkpoint to resume from (settings checked that it exists)."""
-    return find_checkpoint(run.output_dir, run.resume_from_checkpoint) if run.resume_from_checkpoint else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -235,20 +230,25 @@ class TrainingRun:
                     "gradient_accumulation_steps": optimization.gradient_accumulation_steps}
         self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "loss_sum": 0.0,
                       "geometry": geometry, "extra": {}}
-        self.last_checkpoint = resume = resume_point(settings.run)
+        self.last_checkpoint = resume = settings.run.checkpoint_to_resume
         if resume is not None:
-            self.state = load_checkpoint(accelerator, resume)
-            if self.state["geometry"] != geometry:
-                changed = [key for key in geometry if self.state["geometry"].get(key) != geometry[key]]
-                raise DataError(f"{resume} was trained with other {changed}: {self.state['geometry']}. "
-                                "Resume with those.")
-            self.refuse_to_redo_a_finished_run(resume)
-            accelerator.print(f"Resuming from {resume} at step {self.state['completed_steps']}.")
+            self.resume_from(resume)
         self.log_file = Log(settings.run.output_dir, accelerator.is_main_process,
-                            resumed_at=self.state["completed_steps"] if resume else None)
+                            resumed_at=self.step if resume else None)
         self.last_entry = {}
         self.items_per_step = items_per_batch * processes * optimization.gradient_accumulation_steps
         self.steps_this_run, self.seconds = 0, 0.0
+
+    def resume_from(self, checkpoint: Path) -> None:
+        """The prepared objects' state and `state` from `checkpoint`, if it was trained with the same geometry."""
+        geometry = self.state["geometry"]
+        self.state = load_checkpoint(self.accelerator, checkpoint)
+        if self.state["geometry"] != geometry:
+            changed = [key for key in geometry if self.state["geometry"].get(key) != geometry[key]]
+            raise DataError(f"{checkpoint} was trained with other {changed}: {self.state['geometry']}. "
+                            "Resume with those.")
+        self.refuse_to_redo_a_finished_run(checkpoint)
+        self.accelerator.print(f"Resuming from {checkpoint} at step {self.step}.")
 
     def refuse_to_redo_a_finished_run(self, resume: Path) -> None:
         """Resuming a run whose model is already in --output_dir either has nothing to do, or must start from the

@@ -7,6 +7,7 @@ three, in one line, before anything is loaded. A flag means the same thing in ev
 
 import argparse
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,10 +46,16 @@ class RunSettings:
         if not self.resume_from_checkpoint and not self.overwrite_output_dir and holds_a_run(self.output_dir):
             found.append(f"{self.output_dir} already holds a run. Continue it with --resume_from_checkpoint latest, "
                          "start over with --overwrite_output_dir, or pick another --output_dir")
-        if self.resume_from_checkpoint and isinstance(
-                problem := find_checkpoint(self.output_dir, self.resume_from_checkpoint), str):
-            found.append(problem)
+        try:
+            self.checkpoint_to_resume  # looked up here, once
+        except FileNotFoundError as missing:
+            found.append(str(missing))
         return found
+
+    @functools.cached_property
+    def checkpoint_to_resume(self) -> Path | None:
+        """The folder --resume_from_checkpoint names, looked up once: 'latest' is the newest when the run starts."""
+        return find_checkpoint(self.output_dir, self.resume_from_checkpoint) if self.resume_from_checkpoint else None
 
     @property
     def checkpoint_every(self) -> int | None:
