@@ -600,8 +600,8 @@ def main(argv=None) -> None:
     dtypes = ["fp32", "bf16"]
     if not gpu and not native_bf16() and not args.bf16:
         dtypes = ["fp32"]
-        print("Skipping the bf16 rows: this CPU has no native bf16 (AVX-512 BF16 or AMX), where bf16 matmuls are "
-              "emulated and slow; --bf16 measures them anyway.")
+        print("Skipping the bf16 rows: PyTorch has no native bf16 here (AVX-512 BF16 or AMX, absent or held off by "
+              "ATEN_CPU_CAPABILITY), where bf16 matmuls are emulated and slow; --bf16 measures them anyway.")
     report = Report(machine, repeats, args.json)
     deployment = []
     for shape_name, shape in shapes.items():
@@ -723,8 +723,11 @@ def keep_capped_kernels_apart() -> None:
     cache. A graph compiled under `avx2` (8 floats per vector) and served to an uncapped process is built for 16:
     its kernels write past the end of their buffers, and glibc aborts on the corrupted heap (here in the compiled
     static-cache decode at 124M). Served the other way it stalled. Keeping the capped kernels apart avoids both."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    if capability and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # (Importing transformers already set the variable to the default: only a user's own choice is kept.)
+    if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir(), f"minigpt-bench-inductor-{capability}"))
 
 
