@@ -507,9 +507,10 @@ def trainer_child(shape, folder: Path, steps: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     block_size = int(options["--block_size"])
     data = LabelledBlocks([read_shard(folder / "tokens" / "train.bin")], block_size)
+    # minigpt-pretrain's defaults: no dropout (GPT2Config's 0.1 would also keep SDPA off its fused CPU kernel).
     config = GPT2Config(n_layer=shape[0], n_head=shape[1], n_embd=shape[2], vocab_size=len(tokenizer),
                         n_positions=block_size, bos_token_id=tokenizer.eos_token_id,
-                        eos_token_id=tokenizer.eos_token_id)
+                        eos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     arguments = TrainingArguments(
         output_dir=str(folder / "trainer"), per_device_train_batch_size=int(options["--per_device_train_batch_size"]),
         max_steps=steps, learning_rate=float(options["--learning_rate"]), weight_decay=0.1,
