@@ -11,10 +11,18 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+import torch.distributed.checkpoint as dcp
+from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .processes import sharded
 
 STATE_FILE = "training_state.json"
+WEIGHTS_AND_OPTIMIZER = "model_and_optimizer"  # torch.distributed.checkpoint's folder in a checkpoint
 
 
 def with_default_permissions(folder) -> None:
@@ -110,20 +118,38 @@ def find_checkpoint(output_dir: str, spec: str) -> Path:
         checkpoints = list_checkpoints(output_dir)
         if not checkpoints:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: {output_dir} holds no checkpoint")
-        return checkpoints[-1]
+        spec = str(checkpoints[-1])
     if not Path(spec, STATE_FILE).exists():
         raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (it has no {STATE_FILE})")
-    return Path(spec)
+    checkpoint = Path(spec)
+    if not (checkpoint / WEIGHTS_AND_OPTIMIZER).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: written by an earlier hf_minigpt (it has no "
+                                f"{WEIGHTS_AND_OPTIMIZER}/); resume it with that version")
+    return checkpoint
 
 
-def save_checkpoint(accelerator, output_dir, state: dict, keep: int, model, tokenizer) -> Path:
-    """`step_N`: Accelerate's state (weights, optimizer, scheduler, RNG of every process), the model's config and
-    the tokenizer (a resumed run rebuilds both from it) and `state`; then all but the last `keep` are dropped."""
+@dataclass
+class Prepared:
+    """What `accelerator.prepare` returned, and a checkpoint saves and restores."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    loaders: list
+
+
+def save_checkpoint(accelerator, output_dir, state: dict, keep: int, prepared, tokenizer) -> Path:
+    """`step_N`: the weights and optimizer state in `torch.distributed.checkpoint`'s format (one file per process
+    for a sharded model), Accelerate's files for the scheduler, the sampler and every process's RNG, the model's
+    config and the tokenizer (a resumed run rebuilds both from them) and `state`; then all but the last `keep`
+    checkpoints are dropped. `prepared` holds the prepared model, optimizer, scheduler and loaders."""
     folder = Path(output_dir, f"step_{state['completed_steps']}")
     with atomic_folder(folder, "replace", accelerator) as scratch:
-        accelerator.save_state(str(scratch))
+        save_weights_and_optimizer(accelerator, scratch / WEIGHTS_AND_OPTIMIZER, prepared.model, prepared.optimizer)
+        save_accelerator_state(str(scratch), [], [], [prepared.scheduler], prepared.loaders,
+                               accelerator.process_index, accelerator.step, accelerator.scaler)
         if accelerator.is_main_process:
-            accelerator.unwrap_model(model).config.save_pretrained(scratch)
+            accelerator.unwrap_model(prepared.model).config.save_pretrained(scratch)
             tokenizer.save_pretrained(scratch)
             (scratch / STATE_FILE).write_text(json.dumps(state, indent=2))
     if accelerator.is_main_process:
@@ -132,6 +158,33 @@ def save_checkpoint(accelerator, output_dir, state: dict, keep: int, model, toke
     return folder
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> dict:
-    accelerator.load_state(str(checkpoint))
+def load_checkpoint(accelerator, checkpoint: Path, prepared) -> dict:
+    """The prepared objects' state from `checkpoint`, whatever number of processes wrote it (a sharded checkpoint
+    is resharded as it is read), and the checkpoint's `state`. A process with no RNG file of its own (the checkpoint
+    had fewer processes) keeps its seeded RNG."""
+    load_weights_and_optimizer(accelerator, checkpoint / WEIGHTS_AND_OPTIMIZER, prepared.model, prepared.optimizer)
+    load_accelerator_state(str(checkpoint), [], [], [prepared.scheduler], prepared.loaders,
+                           accelerator.process_index, accelerator.scaler)
     return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def model_and_optimizer_state(accelerator, model, optimizer) -> dict:
+    """Both state dicts, keyed by parameter name whatever wraps the model (DDP, FSDP2, torch.compile)."""
+    weights, moments = get_state_dict(accelerator.unwrap_model(model), optimizer)
+    return {"model": weights, "optimizer": moments}
+
+
+def save_weights_and_optimizer(accelerator, folder: Path, model, optimizer) -> None:
+    state = model_and_optimizer_state(accelerator, model, optimizer)
+    if sharded(accelerator):  # every process writes its own shards
+        dcp.save(state, checkpoint_id=folder)
+    elif accelerator.is_main_process:  # every process holds the same: one writes it
+        dcp.save(state, checkpoint_id=folder, no_dist=True)
+
+
+def load_weights_and_optimizer(accelerator, folder: Path, model, optimizer) -> None:
+    state = model_and_optimizer_state(accelerator, model, optimizer)
+    dcp.load(state, checkpoint_id=folder, no_dist=not sharded(accelerator))
+    set_state_dict(accelerator.unwrap_model(model), optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+

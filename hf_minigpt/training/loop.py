@@ -9,6 +9,7 @@ import ctypes.util
 import gc
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -19,15 +20,16 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_model_folder
+from .checkpoint import Prepared, list_checkpoints, load_checkpoint, save_checkpoint, save_model_folder
 from .data import DataError
+from .processes import LaunchError, Peers, build_accelerator, is_lost_peer
 from .report import Log, plot_losses, write_json
 from .settings import flags
 
@@ -50,10 +52,15 @@ class RunComplete(Exception):
 
 def run_script(prog: str, parse, train, argv=None) -> None:
     """A training script's entry point. Bad data, or a loss that diverges, ends it with one line, not a trace; a
-    signal ends it with the shell's exit code for that signal, so that `train && publish` does not publish."""
+    signal ends it with the shell's exit code for that signal, so that `train && publish` does not publish; a lost
+    process ends the others at once, with one line that says what to resume from."""
     settings = parse(argv)
     created = not Path(settings.run.output_dir).exists()
-    accelerator = start(settings, prog)
+    try:
+        accelerator = start(settings, prog)
+    except LaunchError as error:
+        sys.exit(f"{prog}: error: {error}")
+    peers = Peers(accelerator)
     outcome = None
     try:
         train(settings, accelerator)
@@ -67,6 +74,12 @@ def run_script(prog: str, parse, train, argv=None) -> None:
         print(f"{prog}: {complete}")
     except Stopped as stopped:
         outcome = stopped.exit_code
+    except RuntimeError as error:
+        if not is_lost_peer(error):
+            raise
+        print(f"{prog}: {peers.lost()} of this run was lost (rank {peers.rank} of {peers.world} stops here: "
+              f"{str(error).splitlines()[0]}). {resume_advice(settings.run.output_dir)}", file=sys.stderr, flush=True)
+        os._exit(1)  # the process group is broken: tearing it down could wait on the lost process
     # Only here, where no frame holds the DDP-wrapped model any more: its reducer must be freed before the process
     # group is destroyed, or freeing it blocks forever on the destroyed group.
     accelerator.free_memory()
@@ -74,6 +87,13 @@ def run_script(prog: str, parse, train, argv=None) -> None:
     accelerator.end_training()
     if outcome is not None:
         sys.exit(outcome)
+
+
+def resume_advice(output_dir) -> str:
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        return "No checkpoint was written: start again with --overwrite_output_dir."
+    return f"Continue from {checkpoints[-1]} with --resume_from_checkpoint latest."
 
 
 def keep_large_blocks_out_of_the_heap(threshold: int = 8 << 20) -> None:
@@ -96,15 +116,7 @@ def start(settings, name: str) -> Accelerator:
     if not sys.stderr.isatty():  # progress bars written into a log file are noise
         datasets.disable_progress_bars()
         transformers.utils.logging.disable_progress_bar()
-    accelerator = Accelerator(
-        gradient_accumulation_steps=settings.optimization.gradient_accumulation_steps,
-        mixed_precision=run.mixed_precision,
-        log_with=None if run.report_to == "none" else run.report_to,
-        project_dir=run.output_dir,
-        # Shuffling from a seed of its own makes every process, and a resumed run, draw the same order.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        dynamo_backend="inductor" if run.torch_compile else None,
-    )
+    accelerator = build_accelerator(settings)
     set_seed(run.seed)
     if accelerator.is_main_process:
         Path(run.output_dir).mkdir(parents=True, exist_ok=True)
@@ -211,9 +223,9 @@ def sized(loader) -> bool:
 
 
 class TrainingRun:
-    """One run of optimizer steps over prepared objects. `state` is what a checkpoint holds beyond Accelerate's own:
-    the step, the data position, the sum of the logged losses, the script's extras, and the batch geometry, which a
-    resumed run must not change. The log itself is a file in the output folder (`report.Log`)."""
+    """One run of optimizer steps over prepared objects. `state` is what a checkpoint holds beside the prepared
+    objects: the step, the data position, the sum of the logged losses, the script's extras, the batch geometry,
+    which a resumed run must not change, and the process layout, which it may. The log itself is a file in the output folder (`report.Log`)."""
 
     def __init__(self, accelerator, settings, model, tokenizer, train_loader, eval_loader, *, geometry: dict,
                  unit: str, items_per_batch: int, name: str):
@@ -225,11 +237,13 @@ class TrainingRun:
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
             model, optimizer, train_loader, eval_loader, scheduler
         )
-        geometry = {**geometry, "num_processes": processes, "seed": settings.run.seed,
-                    "per_device_train_batch_size": optimization.per_device_train_batch_size,
-                    "gradient_accumulation_steps": optimization.gradient_accumulation_steps}
+        # A checkpoint resumes with any number of processes that keeps the global batch; its layout is converted.
+        self.layout = {"num_processes": processes,
+                       "per_device_train_batch_size": optimization.per_device_train_batch_size,
+                       "gradient_accumulation_steps": optimization.gradient_accumulation_steps}
+        geometry = {**geometry, "seed": settings.run.seed, "global_batch": math.prod(self.layout.values())}
         self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "loss_sum": 0.0,
-                      "geometry": geometry, "extra": {}}
+                      "geometry": geometry, "layout": self.layout, "extra": {}}
         self.last_checkpoint = resume = settings.run.checkpoint_to_resume
         if resume is not None:
             self.resume_from(resume)
@@ -239,16 +253,33 @@ class TrainingRun:
         self.items_per_step = items_per_batch * processes * optimization.gradient_accumulation_steps
         self.steps_this_run, self.seconds = 0, 0.0
 
+    @property
+    def prepared(self) -> Prepared:
+        loaders = [loader for loader in (self.train_loader, self.eval_loader) if loader is not None]
+        return Prepared(self.model, self.optimizer, self.scheduler, loaders)
+
     def resume_from(self, checkpoint: Path) -> None:
-        """The prepared objects' state and `state` from `checkpoint`, if it was trained with the same geometry."""
+        """The prepared objects' state and `state` from `checkpoint`, if it was trained with the same geometry (any
+        process layout with the same global batch)."""
         geometry = self.state["geometry"]
-        self.state = load_checkpoint(self.accelerator, checkpoint)
+        self.state = load_checkpoint(self.accelerator, checkpoint, self.prepared)
         if self.state["geometry"] != geometry:
             changed = [key for key in geometry if self.state["geometry"].get(key) != geometry[key]]
             raise DataError(f"{checkpoint} was trained with other {changed}: {self.state['geometry']}. "
                             "Resume with those.")
+        self.continue_in_this_layout()
         self.refuse_to_redo_a_finished_run(checkpoint)
         self.accelerator.print(f"Resuming from {checkpoint} at step {self.step}.")
+
+    def continue_in_this_layout(self) -> None:
+        """Convert the counters that depend on how the global batch is split: the micro-batches each process has
+        read in this epoch, Accelerate's micro-step count, and the scheduler, which steps once per process."""
+        saved, layout = self.state["layout"], self.layout
+        steps_in_epoch = self.state["batches_in_epoch"] // saved["gradient_accumulation_steps"]
+        self.state["batches_in_epoch"] = steps_in_epoch * layout["gradient_accumulation_steps"]
+        self.state["layout"] = layout
+        self.accelerator.step = self.step * layout["gradient_accumulation_steps"]
+        self.scheduler.scheduler.last_epoch = self.step * layout["num_processes"]
 
     def refuse_to_redo_a_finished_run(self, resume: Path) -> None:
         """Resuming a run whose model is already in --output_dir either has nothing to do, or must start from the
@@ -281,7 +312,7 @@ class TrainingRun:
     def checkpoint(self) -> Path:
         run = self.settings.run
         self.last_checkpoint = save_checkpoint(self.accelerator, run.output_dir, self.state, run.save_total_limit,
-                                               self.model, self.tokenizer)
+                                               self.prepared, self.tokenizer)
         return self.last_checkpoint
 
     def throughput(self) -> float:
