@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
 from .hub import push_after_training
-from .training.checkpoint import save_model_folder
+from .training.checkpoint import load_whole_weights, save_model_folder
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
 from .training.loop import TrainingRun, run_script
 from .training.report import file_names, optimization_rows, pyplot, write_model_card
@@ -342,7 +342,7 @@ def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type
     best = run.state["extra"]["best"]
     model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
     best_weights = MiniGPTForSequenceClassification.from_pretrained(output_dir / "best_model")
-    model.load_state_dict(best_weights.state_dict())
+    load_whole_weights(model, best_weights.state_dict())
     results = {**run.summary(), "best_epoch": best["epoch"]}
     results.update({f"eval_{key}": value for key, value in best.items() if key not in ("report", "epoch")})
     test = None

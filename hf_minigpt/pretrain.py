@@ -17,7 +17,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -174,14 +174,13 @@ def load_tokenizer(settings: PretrainSettings, texts, resume: Path | None, accel
         if tokenizer.eos_token_id is None:
             raise DataError(f"The tokenizer from {source} has no EOS token to separate documents with.")
         return tokenizer
-    # The main process trains it, the others read what it saved: every process must hold the same vocabulary.
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            tokenizer = train_tokenizer(pieces(texts, settings.data.text_column), settings.tokenizer.vocab_size, EOS)
-            tokenizer.save_pretrained(settings.run.output_dir)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(settings.run.output_dir)
-    return tokenizer
+    # The main process trains it and sends it to the others (on other machines too, which may not see its disk):
+    # every process must hold the same vocabulary.
+    tokenizer = [None]
+    if accelerator.is_main_process:
+        tokenizer = [train_tokenizer(pieces(texts, settings.data.text_column), settings.tokenizer.vocab_size, EOS)]
+        tokenizer[0].save_pretrained(settings.run.output_dir)
+    return broadcast_object_list(tokenizer)[0]
 
 
 def pick_block_size(settings: PretrainSettings, resume: Path | None) -> int:

@@ -81,7 +81,7 @@ def data(tmp_path_factory):
     }
 
 
-def finetune(base, *args, processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+def finetune(base, *args, processes: int = 1, config: str | None = None, check: bool = True):
     script = ["-m", "hf_minigpt.finetune", "--model_name_or_path", str(base), "--learning_rate", "2e-3",
               "--num_warmup_steps", "0", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -90,6 +90,8 @@ def finetune(base, *args, processes: int = 1, check: bool = True) -> subprocess.
         env["ACCELERATE_USE_CPU"] = "true"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
+    if config:  # its processes find out for themselves that they have no GPU
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *script]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
@@ -174,6 +176,19 @@ def test_two_processes_match_one(single_label, base, data, tmp_path):
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert results(tmp_path)["eval_report"] == results(single_label)["eval_report"]  # 37 rows, none twice
+
+
+def test_fsdp2_processes_match_one(single_label, base, data, tmp_path):
+    args = [arg if arg != "16" else "8" for arg in SINGLE_RUN]
+    finetune(base, *args, "--train_file", data["train"], "--validation_file", data["validation"],
+             "--test_file", data["test"], "--output_dir", str(tmp_path),
+             config=str(Path(__file__).parents[1] / "scripts" / "accelerate" / "fsdp_cpu.yaml"))
+    one, two = history(single_label), history(tmp_path)
+    assert [entry["step"] for entry in two] == [entry["step"] for entry in one]
+    for a, b in zip(one, two):
+        assert b == pytest.approx(a, rel=1e-3, abs=1e-6)
+    assert len(list((tmp_path / "step_15" / "model_and_optimizer").glob("*.distcp"))) == 2
+    assert results(tmp_path)["eval_report"] == results(single_label)["eval_report"]
 
 
 def test_multi_label_and_regression_runs(base, tmp_path):

@@ -330,18 +330,6 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert two_eval == pytest.approx(one_eval, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed_zero2.yaml"])
-def test_example_accelerate_configs_are_valid(name):
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    import hf_minigpt.modeling_minigpt as modeling
-
-    config = load_config_from_file(str(Path(__file__).parents[1] / "scripts" / "accelerate" / name))
-    assert config.distributed_type in ("FSDP", "DEEPSPEED") and config.mixed_precision == "bf16"
-    if config.fsdp_config:
-        assert hasattr(modeling, config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
-
-
 def test_torch_compile_run_saves_plain_weights(tmp_path):
     pretrain("--max_train_steps", "3", "--torch_compile", "--validation_split_percentage", "0",
              "--output_dir", str(tmp_path))

@@ -10,14 +10,22 @@ import json
 import os
 import re
 import shutil
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 
 from .processes import sharded
 
@@ -90,9 +98,29 @@ def save_model(folder, model, tokenizer=None, accelerator=None) -> None:
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
             state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
-            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(folder, state_dict=state_dict)
+            unsharded(accelerator.unwrap_model(model, keep_torch_compile=False)).save_pretrained(
+                folder, state_dict=state_dict)
     if tokenizer is not None and (accelerator is None or accelerator.is_main_process):
         tokenizer.save_pretrained(folder)
+
+
+def unsharded(model):
+    """`model` as its own class. FSDP2 makes a sharded `MiniGPTForCausalLM` an `FSDPMiniGPTForCausalLM`, which
+    `save_pretrained` would write into the config's `auto_map`, copying torch's source instead of the model's: an
+    empty shell of the model's class (on the meta device) saves the gathered weights instead."""
+    if not isinstance(model, FSDPModule):
+        return model
+    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        shell = model_class(model.config)
+    if model.can_generate():
+        shell.generation_config = model.generation_config
+    return shell
+
+
+def load_whole_weights(model, weights: dict) -> None:
+    """Whole weights into a model that may be sharded (FSDP2), where `load_state_dict` would not do."""
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
 def save_model_folder(destination, model, tokenizer=None, *, accelerator=None,
@@ -174,17 +202,30 @@ def model_and_optimizer_state(accelerator, model, optimizer) -> dict:
     return {"model": weights, "optimizer": moments}
 
 
+@contextmanager
+def alone():
+    """torch.distributed.checkpoint warns that it assumes a single process, which is what `no_dist` asks for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_weights_and_optimizer(accelerator, folder: Path, model, optimizer) -> None:
     state = model_and_optimizer_state(accelerator, model, optimizer)
     if sharded(accelerator):  # every process writes its own shards
         dcp.save(state, checkpoint_id=folder)
     elif accelerator.is_main_process:  # every process holds the same: one writes it
-        dcp.save(state, checkpoint_id=folder, no_dist=True)
+        with alone():
+            dcp.save(state, checkpoint_id=folder, no_dist=True)
 
 
 def load_weights_and_optimizer(accelerator, folder: Path, model, optimizer) -> None:
     state = model_and_optimizer_state(accelerator, model, optimizer)
-    dcp.load(state, checkpoint_id=folder, no_dist=not sharded(accelerator))
+    if sharded(accelerator):
+        dcp.load(state, checkpoint_id=folder)
+    else:
+        with alone():
+            dcp.load(state, checkpoint_id=folder, no_dist=True)
     set_state_dict(accelerator.unwrap_model(model), optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 

@@ -10,6 +10,7 @@ import gc
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -78,7 +79,7 @@ def run_script(prog: str, parse, train, argv=None) -> None:
         if not is_lost_peer(error):
             raise
         print(f"{prog}: {peers.lost()} of this run was lost (rank {peers.rank} of {peers.world} stops here: "
-              f"{str(error).splitlines()[0]}). {resume_advice(settings.run.output_dir)}", file=sys.stderr, flush=True)
+              f"{backend_words(error)}). {resume_advice(settings.run.output_dir)}", file=sys.stderr, flush=True)
         os._exit(1)  # the process group is broken: tearing it down could wait on the lost process
     # Only here, where no frame holds the DDP-wrapped model any more: its reducer must be freed before the process
     # group is destroyed, or freeing it blocks forever on the destroyed group.
@@ -87,6 +88,11 @@ def run_script(prog: str, parse, train, argv=None) -> None:
     accelerator.end_training()
     if outcome is not None:
         sys.exit(outcome)
+
+
+def backend_words(error: RuntimeError) -> str:
+    """The gist of a communication backend's error: its first sentence, without the source location."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", str(error).splitlines()[0]).split(". ")[0]
 
 
 def resume_advice(output_dir) -> str:

@@ -2,9 +2,9 @@
 one line, not a gloo traceback, when a process of the run is lost.
 
 `accelerate launch` (or `torchrun`) starts the processes; each builds one `Accelerator` here. Two launches that go
-wrong silently are refused: processes started with no GPU and no `ACCELERATE_USE_CPU` (Accelerate would run each as
-a job of its own, all writing into one folder), and an FSDP config on CPU processes, which Accelerate would run as
-plain DDP. On CPU the processes talk through gloo, and Accelerate's own FSDP2 path (the one GPU runs take) shards the
+wrong silently are mended or refused: processes started with no GPU and no `ACCELERATE_USE_CPU` (Accelerate would
+run each as a job of its own, all writing into one folder) are told to use the CPU, an FSDP config on CPU processes
+(which Accelerate would run as plain DDP) gets FSDP2, and a DeepSpeed config is refused. On CPU the processes talk through gloo, and Accelerate's own FSDP2 path (the one GPU runs take) shards the
 model: each `MiniGPTBlock`, then the model.
 """
 
@@ -29,6 +29,12 @@ def launched_processes() -> int:
 def build_accelerator(settings) -> Accelerator:
     """The Accelerator for `settings`; LaunchError when the launched processes would not train as one run."""
     run, processes = settings.run, launched_processes()
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise LaunchError(
+            "DeepSpeed is not supported: checkpoints are torch.distributed.checkpoint's, which cannot hold ZeRO's "
+            "optimizer state (and Accelerate starts DeepSpeed only on GPUs). FSDP2 shards the same way: "
+            "scripts/accelerate/fsdp.yaml on GPUs, fsdp_cpu.yaml on CPU processes."
+        )
     # Several processes and no GPU: they must talk through gloo. Without this, a launch whose config says
     # `use_cpu: true` (torchrun passes no ACCELERATE_USE_CPU) starts N single-process runs.
     on_cpu = processes > 1 and torch.accelerator.current_accelerator() is None
