@@ -6,7 +6,6 @@ import os
 import re
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
+import launches
 from conftest import WORDS, tiny_config
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from hf_minigpt.finetune import MULTI, REGRESSION, SINGLE, compute_metrics, main
@@ -92,10 +92,7 @@ def finetune(base, *args, processes: int = 1, config: str | None = None, check: 
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
     if config:  # its processes find out for themselves that they have no GPU
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *script]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
-    return result
+    return launches.run(command, env, check=check)
 
 
 SINGLE_RUN = ["--num_train_epochs", "3", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "8",

@@ -23,6 +23,7 @@ from hf_minigpt.training.loop import Stopped
 from hf_minigpt.training.report import read_log
 from hf_minigpt.training.tokens import TokenBlocks, document_positions, tokenize_to_shard
 
+import launches
 from conftest import tiny_config
 
 # A small model on the embedded corpus: a step takes milliseconds.
@@ -39,10 +40,7 @@ def pretrain(*args: str, processes: int = 1, check: bool = True, env=None) -> su
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "-m", "hf_minigpt.pretrain", *TINY, *args]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
-    return result
+    return launches.run(command, env, check=check)
 
 
 def losses(output_dir) -> list[float]:

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_minigpt.training.checkpoint import WEIGHTS_AND_OPTIMIZER
 
+import launches
 from test_pretrain import TINY, losses
 
 pytestmark = pytest.mark.slow
@@ -34,46 +35,8 @@ def environment() -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Wait for a launch; on a time-out its whole process group is killed. Either way nothing of it may be left."""
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        end(process)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"still running after {timeout} s, killed\n{stdout}\n{stderr[-4000:]}")
-    finally:
-        end(process)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def end(process: subprocess.Popen) -> None:
-    """Kill whatever is left in the launch's process group, and check that nothing is."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)  # the launcher itself is ours to reap; its children are reaped by init
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"processes of {process.args[:6]} outlived the test")
-
-
-def run(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    result = finish(start(command), timeout)
-    if result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
-    return result
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    return launches.run(command, environment(), timeout=300)
 
 
 def pretrain(output_dir: Path, *args: str, processes: int = 1, config: str | None = None):
@@ -131,7 +94,8 @@ def test_fsdp2_on_two_cpu_processes_trains_like_one_process(runs):
 
 
 def test_the_gpu_fsdp_config_shards_on_cpu_processes_too(tmp_path):
-    """scripts/accelerate/fsdp.yaml is written for 8 GPUs in bf16; on 2 CPU processes in fp32 it takes the same path."""
+    """scripts/accelerate/fsdp.yaml is written for 8 GPUs in bf16; on 2 CPU processes in fp32 it takes the same
+    path."""
     script = ["-m", "hf_minigpt.pretrain", *TINY, "--max_train_steps", "2", "--checkpointing_steps", "2",
               "--max_new_tokens", "0", "--output_dir", str(tmp_path)]
     run([*LAUNCH, "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2", *script])
@@ -155,8 +119,9 @@ def test_a_one_process_checkpoint_resumes_sharded_on_two(runs, tmp_path):
 
 def test_another_global_batch_is_refused_before_training(runs, tmp_path):
     root, _ = runs
-    result = finish(start([sys.executable, "-m", "hf_minigpt.pretrain", *TINY, *RUN, "--output_dir",
-                           str(tmp_path / "resumed"), "--resume_from_checkpoint", str(root / "one" / "step_6")]))
+    result = launches.run([sys.executable, "-m", "hf_minigpt.pretrain", *TINY, *RUN, "--output_dir",
+                           str(tmp_path / "resumed"), "--resume_from_checkpoint", str(root / "one" / "step_6")],
+                          environment(), check=False)
     assert result.returncode == 1
     assert "was trained with other ['global_batch']" in result.stderr and "Traceback" not in result.stderr
 
@@ -183,18 +148,19 @@ def test_launches_that_would_not_train_as_one_run_are_refused(monkeypatch):
 def machines(output_dirs: list[Path], *args: str) -> list[subprocess.Popen]:
     """Two `accelerate launch`es, one process each, as two machines would run them, meeting at 127.0.0.1."""
     port = str(free_port())
-    return [start([*LAUNCH, "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
-                   str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--rdzv_backend",
-                   "static", "-m", "hf_minigpt.pretrain", *TINY, "--output_dir", str(output_dir), *args])
+    return [launches.start([*LAUNCH, "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+                            "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                            "--rdzv_backend", "static", "-m", "hf_minigpt.pretrain", *TINY,
+                            "--output_dir", str(output_dir), *args], environment())
             for rank, output_dir in enumerate(output_dirs)]
 
 
 def test_two_machines_train_like_one_process_and_only_the_first_writes(runs, tmp_path):
     root, _ = runs
     # Machine 1 is given a folder of its own, as it would be on its own disk: it must never write there.
-    launches = machines([tmp_path / "machine0", tmp_path / "machine1"], *RUN, "--per_device_train_batch_size", "4")
-    for launch in launches:
-        result = finish(launch)
+    pair = machines([tmp_path / "machine0", tmp_path / "machine1"], *RUN, "--per_device_train_batch_size", "4")
+    for machine in pair:
+        result = launches.finish(machine, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
     assert losses(tmp_path / "machine0") == pytest.approx(losses(root / "one"), rel=1e-3)
     assert eval_loss(tmp_path / "machine0") == pytest.approx(eval_loss(root / "one"), rel=1e-3)
@@ -217,23 +183,23 @@ def descendants(pid: int) -> list[int]:
 
 def test_a_killed_process_ends_the_other_with_one_line(tmp_path):
     output_dir = tmp_path / "run"
-    launches = machines([output_dir, output_dir], "--max_train_steps", "100000", "--checkpointing_steps", "5",
-                        "--per_device_train_batch_size", "4")
+    pair = machines([output_dir, output_dir], "--max_train_steps", "100000", "--checkpointing_steps", "5",
+                    "--per_device_train_batch_size", "4")
     try:
         deadline = time.time() + 240
         while not (output_dir / "step_5").exists() and time.time() < deadline:
-            assert all(launch.poll() is None for launch in launches), "a machine stopped before training"
+            assert all(machine.poll() is None for machine in pair), "a machine stopped before training"
             time.sleep(0.2)
         assert (output_dir / "step_5").exists(), "no checkpoint after 240 s"
-        workers = [pid for pid in descendants(launches[1].pid) if "hf_minigpt.pretrain" in
-                   Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ") and pid != launches[1].pid]
+        workers = [pid for pid in descendants(pair[1].pid) if "hf_minigpt.pretrain" in
+                   Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")]
         os.kill(workers[-1], signal.SIGKILL)  # machine 1's training process
         killed_at = time.time()
-        survivor = finish(launches[0], timeout=60)
+        survivor = launches.finish(pair[0], timeout=60)
         assert time.time() - killed_at < 60
     finally:
-        for launch in launches:
-            end(launch)
+        for machine in pair:
+            launches.end(machine)
     assert survivor.returncode != 0
     line = [line for line in survivor.stderr.splitlines() if line.startswith("minigpt-pretrain:")]
     assert len(line) == 1, survivor.stderr[-4000:]

@@ -228,4 +228,3 @@ def load_weights_and_optimizer(accelerator, folder: Path, model, optimizer) -> N
             dcp.load(state, checkpoint_id=folder, no_dist=True)
     set_state_dict(accelerator.unwrap_model(model), optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
-

@@ -231,7 +231,8 @@ def sized(loader) -> bool:
 class TrainingRun:
     """One run of optimizer steps over prepared objects. `state` is what a checkpoint holds beside the prepared
     objects: the step, the data position, the sum of the logged losses, the script's extras, the batch geometry,
-    which a resumed run must not change, and the process layout, which it may. The log itself is a file in the output folder (`report.Log`)."""
+    which a resumed run must not change, and the process layout, which it may. The log itself is a file in the output
+    folder (`report.Log`)."""
 
     def __init__(self, accelerator, settings, model, tokenizer, train_loader, eval_loader, *, geometry: dict,
                  unit: str, items_per_batch: int, name: str):

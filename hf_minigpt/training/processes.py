@@ -1,11 +1,11 @@
 """The processes of a run: the Accelerator, checked against how it was launched, FSDP2 on CPU processes too, and
 one line, not a gloo traceback, when a process of the run is lost.
 
-`accelerate launch` (or `torchrun`) starts the processes; each builds one `Accelerator` here. Two launches that go
+`accelerate launch` (or `torchrun`) starts the processes; each builds one `Accelerator` here. Launches that would go
 wrong silently are mended or refused: processes started with no GPU and no `ACCELERATE_USE_CPU` (Accelerate would
-run each as a job of its own, all writing into one folder) are told to use the CPU, an FSDP config on CPU processes
-(which Accelerate would run as plain DDP) gets FSDP2, and a DeepSpeed config is refused. On CPU the processes talk through gloo, and Accelerate's own FSDP2 path (the one GPU runs take) shards the
-model: each `MiniGPTBlock`, then the model.
+run each as a job of its own, all writing into one folder) are told to use the CPU; an FSDP config on CPU processes
+(which Accelerate would run as plain DDP) gets Accelerate's own FSDP2 path, the one GPU runs take: gloo, and
+`fully_shard` on each `MiniGPTBlock`, then on the model; a DeepSpeed config is refused.
 """
 
 import os
