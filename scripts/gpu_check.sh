@@ -11,14 +11,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
-SMOKE=0
-[ "${1:-}" = "--smoke" ] && SMOKE=1
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-SUMMARY="$WORK/summary.tsv"
-printf 'check\tresult\tdetail\n' > "$SUMMARY"
+SMOKE=0 STEP=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --smoke) SMOKE=1 ;;
+        --step) STEP=$2; shift ;;  # internal: one check, in a process of its own (so that `timeout` can end it)
+        *) echo "usage: bash scripts/gpu_check.sh [--smoke]" >&2; exit 2 ;;
+    esac
+    shift
+done
 
-if [ "$SMOKE" = 0 ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+if [ -z "$STEP" ] && [ "$SMOKE" = 0 ] && ! "$PYTHON" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
     echo "gpu_check: no CUDA GPU visible to torch (install the CUDA build of torch); nothing was checked." >&2
     exit 2
 fi
@@ -30,15 +33,24 @@ else
 fi
 export DEVICE OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 
+if [ -z "$STEP" ]; then
+    WORK=${GPU_CHECK_LOGS:-runs/gpu_check/$(date +%Y%m%d-%H%M%S)}  # each check's log stays here
+    mkdir -p "$WORK"
+    export WORK
+    SUMMARY="$WORK/summary.tsv"
+    printf 'check\tresult\tdetail\n' > "$SUMMARY"
+fi
+
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >> "$SUMMARY"; }
 
 # Runs one check with a time limit; its last output line is the detail, its exit status the result
 # (0 pass, 3 skipped, anything else fail).
 check() {
     local name=$1 limit=$2
-    shift 2
     echo "=== $name"
-    timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+    local smoke=()
+    [ "$SMOKE" = 1 ] && smoke=(--smoke)
+    timeout --kill-after=10 "$limit" bash "$0" "${smoke[@]}" --step "$name" > "$WORK/$name.log" 2>&1
     local status=$?
     local detail
     detail=$(grep -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-150)
@@ -107,15 +119,16 @@ bf16() {
 
 bench() {
     if [ "$SMOKE" = 1 ]; then
-        "$PYTHON" -m hf_minigpt.benchmark --quick --device cpu --json "$WORK/bench.json"
-    else
-        "$PYTHON" -m hf_minigpt.benchmark --device cuda --shapes gpt2-124M --repeats 3 --compile \
-            --json "$WORK/bench.json"
-    fi || return 1
+        echo "not in a smoke run (tests/test_benchmark.py runs minigpt-bench --quick)"
+        return 3
+    fi
+    "$PYTHON" -m hf_minigpt.benchmark --device cuda --shapes gpt2-124M --repeats 3 --compile \
+        --json "$WORK/bench.json" || return 1
     "$PYTHON" - "$WORK/bench.json" <<'PY'
 import json, sys
-figures = json.load(open(sys.argv[1]))
-print(", ".join(f"{key}: {value}" for key, value in figures.items() if "mfu" in key.lower())[:150] or "no MFU")
+figures = json.load(open(sys.argv[1]))["results"]
+print("; ".join(f"{key} MiniGPT {value['minigpt']['mfu']:.1%} MFU" for key, value in figures.items()
+                if key.startswith("train ") and "mfu" in value.get("minigpt", {})) or "no MFU row")
 PY
 }
 
@@ -141,16 +154,20 @@ int8() {
     "$PYTHON" -c 'import sys; from hf_minigpt.quantize import quantize_int8; print("int8 path imports")'
 }
 
+if [ -n "$STEP" ]; then
+    "$STEP"
+    exit
+fi
 started=$(date +%s)
-check attention 120 attention
-check bf16 240 bf16
-check bench 300 bench
-check fsdp2 240 fsdp2
-check int8 60 int8
+check attention 120
+check bf16 240
+check bench 300
+check fsdp2 240
+check int8 60
 
 echo
 "$PYTHON" -c 'import torch; print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (smoke run on CPU)",
 "| torch", torch.__version__)'
 column -t -s $'\t' "$SUMMARY"
-echo "($(( $(date +%s) - started )) s)"
+echo "($(( $(date +%s) - started )) s; the logs are in $WORK)"
 ! grep -q $'\tFAIL\t' "$SUMMARY"

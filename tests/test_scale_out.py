@@ -206,3 +206,13 @@ def test_a_killed_process_ends_the_other_with_one_line(tmp_path):
     assert "rank 1 of this run was lost (rank 0 of 2 stops here" in line[0]
     assert f"Continue from {output_dir}/step_" in line[0] and "--resume_from_checkpoint latest" in line[0]
     assert "Traceback" not in survivor.stderr.split("minigpt-pretrain:")[0]
+
+
+def test_the_gpu_check_script_runs_its_checks_on_cpu(tmp_path):
+    """scripts/gpu_check.sh --smoke: the same script, tiny shapes, on CPU, so that it is ready when a GPU is."""
+    script = Path(__file__).parents[1] / "scripts" / "gpu_check.sh"
+    env = {**environment(), "PYTHON": sys.executable, "GPU_CHECK_LOGS": str(tmp_path)}
+    result = launches.run(["bash", str(script), "--smoke"], env, timeout=300)
+    table = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()
+             if line.split() and line.split()[0] in ("attention", "bf16", "bench", "fsdp2", "int8")}
+    assert table == {"attention": "pass", "bf16": "pass", "bench": "skipped", "fsdp2": "pass", "int8": "pass"}
