@@ -8,6 +8,7 @@ This file imports nothing from `hf_minigpt` but its configuration: `save_pretrai
 next to the weights, and the folder then loads with `trust_remote_code=True` where `hf_minigpt` is absent.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -26,7 +27,7 @@ from transformers.modeling_layers import (
     GradientCheckpointingLayer,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
@@ -38,7 +39,26 @@ from .configuration_minigpt import MiniGPTConfig
 # field. MiniGPT takes `cache` (the old name still works, deprecated, as in transformers' own models) and returns it
 # under the field name of the installed release, where generate() looks for it.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+if CACHE_FIELD == "cache":
+    accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+else:  # before the rename, generate() itself passes `past_key_values`: no warning for that
+
+    def accepts_past_key_values(forward):
+        @functools.wraps(forward)
+        def renamed(*args, past_key_values=None, **kwargs):
+            if past_key_values is not None:
+                kwargs.setdefault("cache", past_key_values)
+            return forward(*args, **kwargs)
+
+        return renamed
+
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers 5.19 (what vLLM 0.32 pins) slices inline, as its Llama does
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, positions, :]
 
 
 if torch.distributed.is_available():
