@@ -6,8 +6,6 @@ import concurrent.futures
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
