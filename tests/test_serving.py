@@ -85,6 +85,17 @@ def test_tensor_parallel_over_two_processes_matches_one_process(lively_model, tm
     }
 
 
+def test_the_stacked_qkv_style_takes_the_arguments_transformers_5_25_passes():
+    """5.25's `apply_tensor_parallelism` calls `style.shard_param(module, name, mesh, config=..., mesh_manager=...)`
+    (read from its wheel; it does not install here yet)."""
+    import inspect
+
+    from hf_minigpt.modeling_minigpt import StackedQKVColwiseParallel
+
+    inspect.signature(StackedQKVColwiseParallel.shard_param).bind(
+        StackedQKVColwiseParallel(), torch.nn.Linear(4, 12), "weight", None, config=None, mesh_manager=None)
+
+
 def test_forward_keyword_arguments_reach_every_layers_attention(model):
     seen = []
 
