@@ -3,6 +3,7 @@ a time-out or a failure, and checked to have left nothing behind. A hang is a fa
 
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -51,3 +52,9 @@ def run(command: list[str], env: dict, timeout: float = 600, check: bool = True)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-4000:]}")
     return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

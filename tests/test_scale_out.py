@@ -5,7 +5,6 @@ that is ended on failure, and no process may outlive its test."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,12 +59,6 @@ def one_process(output_dir: Path, *args: str):
 
 def eval_loss(output_dir: Path) -> float:
     return json.loads((output_dir / "all_results.json").read_text())["eval_loss"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +140,7 @@ def test_launches_that_would_not_train_as_one_run_are_refused(monkeypatch):
 
 def machines(output_dirs: list[Path], *args: str) -> list[subprocess.Popen]:
     """Two `accelerate launch`es, one process each, as two machines would run them, meeting at 127.0.0.1."""
-    port = str(free_port())
+    port = str(launches.free_port())
     return [launches.start([*LAUNCH, "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
                             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                             "--rdzv_backend", "static", "-m", "hf_minigpt.pretrain", *TINY,

