@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from .modeling_minigpt import MiniGPTForCausalLM
 from .quantize import cpu_compile_config, quantize_int8
+from .training.settings import model_source_problem
 
 
 @torch.no_grad()
@@ -48,6 +49,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
         parser.error("--max_new_tokens and --top_k must be at least 1, --temperature above 0")
+    if problem := model_source_problem(args.model, "MODEL"):  # a mistyped folder: said at once, not after retries
+        parser.exit(2, f"minigpt-generate: error: {problem}\n")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = MiniGPTForCausalLM.from_pretrained(args.model).eval()

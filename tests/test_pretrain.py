@@ -214,13 +214,23 @@ def test_a_new_model_is_as_long_as_its_blocks(tmp_path, tiny_checkpoint):
     assert pick_block_size(continued, resume=None) == 32  # the checkpoint's n_positions
 
 
-def test_a_previous_run_is_not_overwritten(tmp_path, capsys):
+def test_a_previous_run_is_not_overwritten_and_the_advice_works(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
-    assert "already holds a run. Continue it with --resume_from_checkpoint latest" in refused(
-        ["--output_dir", str(tmp_path)], capsys)
+    message = refused(["--output_dir", str(tmp_path)], capsys)
+    assert "already holds a run. It has no checkpoint to continue from: start over with --overwrite_output_dir, " \
+           "or pick another --output_dir" in message
     assert "holds no checkpoint" in refused(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"],
                                             capsys)
     assert (tmp_path / "config.json").read_text() == "{}"
+    parse_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])  # the advice, followed, is accepted
+
+    checkpoint = tmp_path / "step_3"
+    (checkpoint / WEIGHTS_AND_OPTIMIZER).mkdir(parents=True)
+    (checkpoint / "training_state.json").write_text("{}")
+    assert "already holds a run. Continue it with --resume_from_checkpoint latest, start over with " \
+           "--overwrite_output_dir" in refused(["--output_dir", str(tmp_path)], capsys)
+    assert parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"]).run.checkpoint_to_resume \
+        == checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------------------

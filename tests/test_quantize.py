@@ -5,6 +5,7 @@ import copy
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -92,3 +93,12 @@ def test_generate_cli_int8_compiled_and_perplexity(trained, tokenizer, tmp_path)
 
     result = run_cli(tmp_path / "missing", "--prompt", "the")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "error" in result.stderr
+
+
+def test_a_mistyped_model_folder_is_named_at_once_without_asking_the_hub(tmp_path):
+    (tmp_path / "runs" / "lang").mkdir(parents=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "hf_minigpt.generate_cli", "runs/lnag", "--prompt", "Python"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - started < 30  # the hub's retries took 53 s
+    assert result.returncode == 2 and result.stderr == "minigpt-generate: error: MODEL runs/lnag: no such folder\n"

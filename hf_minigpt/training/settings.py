@@ -14,7 +14,7 @@ from typing import Literal
 
 from transformers import HfArgumentParser, SchedulerType
 
-from .checkpoint import find_checkpoint
+from .checkpoint import find_checkpoint, list_checkpoints
 
 
 def setting(default=None, help: str = "", **argparse_options):
@@ -44,8 +44,11 @@ class RunSettings:
                 self.checkpointing_steps.isdigit() and int(self.checkpointing_steps) > 0):
             found.append(f"--checkpointing_steps takes a number of steps or 'epoch', not {self.checkpointing_steps!r}")
         if not self.resume_from_checkpoint and not self.overwrite_output_dir and holds_a_run(self.output_dir):
-            found.append(f"{self.output_dir} already holds a run. Continue it with --resume_from_checkpoint latest, "
-                         "start over with --overwrite_output_dir, or pick another --output_dir")
+            # Only advice that works: resuming needs a checkpoint.
+            resume = "Continue it with --resume_from_checkpoint latest, s" if list_checkpoints(self.output_dir) else (
+                "It has no checkpoint to continue from: s")
+            found.append(f"{self.output_dir} already holds a run. {resume}tart over with --overwrite_output_dir, or "
+                         "pick another --output_dir")
         try:
             self.checkpoint_to_resume  # looked up here, once
         except FileNotFoundError as missing:
