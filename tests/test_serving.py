@@ -4,7 +4,6 @@ endpoint checked with the real `openai` client."""
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -65,9 +64,7 @@ def test_tensor_parallel_over_two_processes_matches_one_process(lively_model, tm
     (tmp_path / "tp.py").write_text(TP_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(tmp_path / "tp.py"),
                str(tmp_path / "model"), json.dumps(ids.tolist())]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launches.run(command, {**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     sharded = json.loads(result.stdout.split("RESULT", 1)[1])
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(sharded["logits"]), lively_model(ids).logits, atol=1e-4, rtol=0)
@@ -133,11 +130,10 @@ def test_openai_client_against_transformers_serve_of_the_gpt2_export(lively_mode
     tokenizer.save_pretrained(tmp_path / "minigpt")
     export = convert(tmp_path / "minigpt", tmp_path / "gpt2", to="gpt2")  # `transformers serve` loads built-ins only
     port = launches.free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "transformers.cli.transformers", "serve", str(export), "--host", "127.0.0.1",
-         "--port", str(port), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    log = tmp_path / "server.log"
+    server = launches.start([sys.executable, "-m", "transformers.cli.transformers", "serve", str(export), "--host",
+                             "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                            {**os.environ, "OMP_NUM_THREADS": "1"}, log=log)
     try:
         deadline = time.time() + 120
         while True:  # until the server answers its health check
@@ -145,13 +141,12 @@ def test_openai_client_against_transformers_serve_of_the_gpt2_export(lively_mode
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
                 break
             except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read()[-3000:]
+                assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         completion = client.completions.create(model=str(export), prompt="the cat sat", max_tokens=6, temperature=0)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        launches.end(server)
     prompt = tokenizer("the cat sat").input_ids
     expected = tokenizer.decode(greedy(lively_model, prompt, 6), skip_special_tokens=True)
     assert completion.choices[0].text.strip() == expected.strip() and expected.strip()
