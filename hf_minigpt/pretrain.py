@@ -7,7 +7,7 @@
 
 Documents are tokenized with `datasets.map` (cached, parallel) into a token shard on disk, each after an EOS, and
 read as blocks of `block_size` tokens (`training.tokens`); `--streaming` tokenizes as training reads. The same script
-runs on CPU, one GPU or many (DDP, FSDP or DeepSpeed through `accelerate config`).
+runs on CPU, one GPU or many, and on several machines (DDP, or FSDP2 with `scripts/accelerate/fsdp*.yaml`).
 """
 
 import functools

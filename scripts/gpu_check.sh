@@ -137,12 +137,12 @@ fsdp2() {
         echo "$GPUS GPU visible: FSDP2 needs at least 2"
         return 3
     fi
-    local per_process=$((16 / GPUS))
-    pretrain "$WORK/one" --mixed_precision no --per_device_train_batch_size 16 &&
+    # The same global batch: 4 rows on each of the GPUs, or all of them on one.
+    pretrain "$WORK/one" --mixed_precision no --per_device_train_batch_size $((4 * GPUS)) &&
         "$PYTHON" -m accelerate.commands.launch --config_file scripts/accelerate/fsdp.yaml --num_processes "$GPUS" \
             --mixed_precision no -m hf_minigpt.pretrain "${SHAPE[@]}" --block_size 128 --max_train_steps "$STEPS" \
             --validation_split_percentage 2 --max_new_tokens 0 --output_dir "$WORK/fsdp" \
-            --per_device_train_batch_size "$per_process" --checkpointing_steps "$STEPS" &&
+            --per_device_train_batch_size 4 --checkpointing_steps "$STEPS" &&
         compare_losses "$WORK/one" "$WORK/fsdp" 1e-3 "FSDP2 on $GPUS processes against 1"
 }
 

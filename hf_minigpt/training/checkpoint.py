@@ -91,7 +91,7 @@ def publish(scratch: Path, destination: Path, merge: bool) -> None:
 def save_model(folder, model, tokenizer=None, accelerator=None) -> None:
     """`save_pretrained` of the model (weights, config with `auto_map` and source, generation config) and of the
     tokenizer, into a folder being written. With an `accelerator`, the model may be wrapped by DDP, torch.compile,
-    FSDP or DeepSpeed, whose full weights exist only once gathered: every process must call this."""
+    or FSDP2, whose full weights exist only once gathered: every process must call this."""
     if accelerator is None:
         model.save_pretrained(folder)
     else:
