@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 
 def start(command: list[str], env: dict, log=None) -> subprocess.Popen:
@@ -13,8 +14,10 @@ def start(command: list[str], env: dict, log=None) -> subprocess.Popen:
     (a pipe nobody reads would fill, and stop it). A process group of its own, not a session: vLLM's server started in
     a new session answered a third as many requests and dropped connections."""
     output = subprocess.PIPE if log is None else open(log, "w")
-    return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if log else output, text=True,
-                            process_group=0)
+    process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if log else output,
+                               text=True, process_group=0)
+    process.log = log
+    return process
 
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -23,11 +26,20 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> subprocess.Comple
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         end(process)
-        stdout, stderr = process.communicate()
-        raise AssertionError(f"still running after {timeout} s, killed\n{stdout}\n{stderr[-4000:]}")
+        raise AssertionError(f"still running after {timeout} s, killed\n{output(process)[-4000:]}")
     finally:
         end(process)
+    if process.log is not None:  # stdout and stderr went to the log, together
+        stdout = stderr = Path(process.log).read_text()
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def output(process: subprocess.Popen) -> str:
+    """What an ended launch printed."""
+    if process.log is not None:
+        return Path(process.log).read_text()
+    stdout, stderr = process.communicate()
+    return f"{stdout}\n{stderr}"
 
 
 def end(process: subprocess.Popen) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hf_minigpt.training.checkpoint import WEIGHTS_AND_OPTIMIZER
+from hf_minigpt.training.checkpoint import WEIGHTS_AND_OPTIMIZER, list_checkpoints
 
 import launches
 from test_pretrain import TINY, losses
@@ -138,20 +138,22 @@ def test_launches_that_would_not_train_as_one_run_are_refused(monkeypatch):
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def machines(output_dirs: list[Path], *args: str) -> list[subprocess.Popen]:
-    """Two `accelerate launch`es, one process each, as two machines would run them, meeting at 127.0.0.1."""
+def machines(output_dirs: list[Path], logs: Path, *args: str) -> list[subprocess.Popen]:
+    """Two `accelerate launch`es, one process each, as two machines would run them, meeting at 127.0.0.1. Their
+    output goes to files: a pipe read only at the end could fill and stop one machine, and with it the other."""
     port = str(launches.free_port())
     return [launches.start([*LAUNCH, "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
                             "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
                             "--rdzv_backend", "static", "-m", "hf_minigpt.pretrain", *TINY,
-                            "--output_dir", str(output_dir), *args], environment())
+                            "--output_dir", str(output_dir), *args], environment(), log=logs / f"machine{rank}.log")
             for rank, output_dir in enumerate(output_dirs)]
 
 
 def test_two_machines_train_like_one_process_and_only_the_first_writes(runs, tmp_path):
     root, _ = runs
     # Machine 1 is given a folder of its own, as it would be on its own disk: it must never write there.
-    pair = machines([tmp_path / "machine0", tmp_path / "machine1"], *RUN, "--per_device_train_batch_size", "4")
+    pair = machines([tmp_path / "machine0", tmp_path / "machine1"], tmp_path, *RUN, "--per_device_train_batch_size",
+                    "4")
     for machine in pair:
         result = launches.finish(machine, timeout=300)
         assert result.returncode == 0, result.stderr[-4000:]
@@ -176,14 +178,17 @@ def descendants(pid: int) -> list[int]:
 
 def test_a_killed_process_ends_the_other_with_one_line(tmp_path):
     output_dir = tmp_path / "run"
-    pair = machines([output_dir, output_dir], "--max_train_steps", "100000", "--checkpointing_steps", "5",
+    pair = machines([output_dir, output_dir], tmp_path, "--max_train_steps", "100000", "--checkpointing_steps", "5",
                     "--per_device_train_batch_size", "4")
     try:
         deadline = time.time() + 240
-        while not (output_dir / "step_5").exists() and time.time() < deadline:
-            assert all(machine.poll() is None for machine in pair), "a machine stopped before training"
+        # Checkpoints come and go (--save_total_limit 2) faster than a poll: wait for any.
+        while not list_checkpoints(output_dir) and time.time() < deadline:
+            assert all(machine.poll() is None for machine in pair), "a machine stopped before training\n" + "\n".join(
+                launches.output(machine)[-3000:] for machine in pair)
             time.sleep(0.2)
-        assert (output_dir / "step_5").exists(), "no checkpoint after 240 s"
+        assert list_checkpoints(output_dir), "no checkpoint after 240 s\n" + "\n".join(
+            launches.output(machine)[-3000:] for machine in pair)
         workers = [pid for pid in descendants(pair[1].pid) if "hf_minigpt.pretrain" in
                    Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")]
         os.kill(workers[-1], signal.SIGKILL)  # machine 1's training process
