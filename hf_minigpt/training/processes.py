@@ -51,7 +51,8 @@ def build_accelerator(settings) -> Accelerator:
     if accelerator.num_processes != processes:
         raise LaunchError(
             f"{processes} processes were launched, but each runs alone (Accelerate sees {accelerator.num_processes}): "
-            "they would all write into one --output_dir. On CPU, launch with ACCELERATE_USE_CPU=true."
+            "they would all write into one --output_dir. Start them with `accelerate launch` or `torchrun`, which "
+            "give each its rank."
         )
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and (
             accelerator.distributed_type == DistributedType.MULTI_CPU):
@@ -62,7 +63,7 @@ def build_accelerator(settings) -> Accelerator:
 def shard_on_cpu(accelerator: Accelerator) -> None:
     """Turn on Accelerate's FSDP2 for CPU processes, which it otherwise leaves as DDP: `prepare` then shards the
     model with `fully_shard`, and `get_state_dict` gathers the whole model. Accelerate keeps the distributed type in
-    two shared states (accelerate 1.10-1.16), hence two assignments."""
+    two shared states (read in accelerate 1.16), hence two assignments."""
     plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerate reads them
     if plugin.fsdp_version != 2:
         raise LaunchError("FSDP on CPU processes needs FSDP2: set fsdp_version: 2 in the Accelerate config.")
