@@ -23,7 +23,7 @@ from .modeling_minigpt import (
     MiniGPTPreTrainedModel,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 AUTO_CLASSES = {
     AutoModel: MiniGPTModel,

@@ -18,12 +18,13 @@ import math
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from itertools import islice
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from . import MiniGPTConfig, MiniGPTForCausalLM
-from .convert import minigpt_to_gpt2_state_dict
+from .convert import convert, fused_qkv, minigpt_to_gpt2_state_dict
 from .gguf_export import write_gguf
 from .onnx_export import greedy_decode, write_onnx
 from .quantize import cpu_compile_config, quantize_int8
@@ -118,7 +119,7 @@ def build(name: str, config: MiniGPTConfig, device) -> nn.Module:
         gpt2.config._attn_implementation = "sdpa"
         return gpt2.to(device)
     nano = NanoGPT(config)
-    nano.load_state_dict(minigpt.state_dict(), strict=False)
+    nano.load_state_dict(fused_qkv(minigpt.state_dict()), strict=False)
     return nano.to(device)
 
 
@@ -173,15 +174,21 @@ def timer_of(work, device):
     return timer
 
 
-def interleaved(timers: dict, repeats: int) -> dict:
-    """Run each timer once per round, round after round, so that machine noise hits all of them alike; the
-    order rotates, so that none always runs first."""
-    names = list(timers)
-    seconds = {name: [] for name in names}
+def interleaved_runs(work: dict, repeats: int) -> dict[str, list]:
+    """Run each piece of work once per round, round after round, so that machine noise hits all of them alike; the
+    order rotates, so that none always runs first. What each run returned, by name."""
+    names = list(work)
+    results = {name: [] for name in names}
     for round_ in range(repeats):
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            seconds[name].append(timers[name]())
-    return {name: {"median": statistics.median(values), "min": min(values)} for name, values in seconds.items()}
+            results[name].append(work[name]())
+    return results
+
+
+def interleaved(timers: dict, repeats: int) -> dict:
+    """The median and best seconds of each timer, run interleaved."""
+    return {name: {"median": statistics.median(values), "min": min(values)}
+            for name, values in interleaved_runs(timers, repeats).items()}
 
 
 def measure_training(shape, device, dtype: str, repeats: int, gpu: bool) -> dict:
@@ -220,41 +227,6 @@ def measure_generation(shape, device, batch: int, new_tokens: int, cache: str, r
     times = interleaved(timers, repeats)
     return {name: {"tokens_per_second": batch * new_tokens / t["median"],
                    "best_tokens_per_second": batch * new_tokens / t["min"]} for name, t in times.items()}
-
-
-def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int = 16) -> dict:
-    """Greedy decoding of `prompts` prompts of mixed length (8-64 tokens) by MiniGPT: transformers' continuous
-    batching (`generate_batch`, a paged KV cache) against `generate()` one prompt after another."""
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
-    config = config_for(shape)
-    lengths = torch.randint(8, 65, (prompts,), generator=torch.Generator().manual_seed(0))
-    inputs = [torch.randint(1, config.vocab_size, (int(n),)).tolist() for n in lengths]
-    model = build("minigpt", config, device).eval()
-    generation = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=0)
-    # A KV cache sized for these requests: left to itself, continuous batching sizes it from free memory, which on a
-    # CPU means most of the machine's RAM, set up again on every call.
-    pages = sum(math.ceil((len(prompt) + new_tokens) / 256) for prompt in inputs)
-    paged_cache = ContinuousBatchingConfig(num_blocks=pages, max_batch_tokens=512)
-    generated = {}
-
-    def continuous_batching():
-        outputs = model.generate_batch(inputs=inputs, generation_config=generation,
-                                       continuous_batching_config=paged_cache, progress_bar=False)
-        generated["continuous"] = sum(len(output.generated_tokens) for output in outputs.values())
-
-    def one_by_one():
-        generated["one_by_one"] = sum(
-            model.generate(torch.tensor([prompt], device=device), generation_config=generation).shape[1] - len(prompt)
-            for prompt in inputs
-        )
-
-    continuous_batching()  # warm-up: the paged cache is set up on the first call
-    times = interleaved({"continuous": timer_of(continuous_batching, device),
-                         "one_by_one": timer_of(one_by_one, device)}, repeats)
-    return {name: {"tokens_per_second": generated[name] / t["median"], "tokens": generated[name]}
-            for name, t in times.items()}
 
 
 def two_training_steps(name: str, shape, device) -> None:
@@ -426,6 +398,99 @@ def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Serving: the same mixed prompts, all arriving at once, through every engine that serves MiniGPT here.
+
+SERVING = ("engine", "tokens/s", "p50 latency s", "p99 latency s")
+VLLM_GREEDY = Path(__file__).with_name("vllm_greedy.py")
+
+
+def serving_prompts(vocab_size: int, count: int) -> list[list[int]]:
+    """`count` prompts of 8 to 64 tokens, the same for every engine."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 65, (count,), generator=generator)
+    return [torch.randint(1, vocab_size, (int(length),), generator=generator).tolist() for length in lengths]
+
+
+def serving_summary(runs: list[list[float]], tokens: int) -> dict:
+    """From each run's request latencies: tokens/s until the last request of the median run was answered (an
+    engine's start-up and shutdown stay out), and the median and 99th percentile of every latency over all runs."""
+    latencies = sorted(latency for run in runs for latency in run)
+    return {"tokens_per_second": tokens / statistics.median(max(run) for run in runs),
+            "p50_seconds": statistics.median(latencies),
+            "p99_seconds": statistics.quantiles(latencies, n=100, method="inclusive")[98]}
+
+
+def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, vllm_python: Path | None) -> dict:
+    """Greedy decoding of `prompts` mixed prompts that all arrive at once, `new_tokens` each: transformers' continuous
+    batching (`generate_batch`, a paged KV cache) and `generate()` one prompt after another, interleaved; then, where
+    vLLM's CPU build is installed (`vllm_python`), vLLM on MiniGPT's GPT-2 export and on the MiniGPT folder itself
+    (its Transformers backend), each in a process of its own. A request's latency runs from the arrival of all
+    prompts to its last token."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    config = config_for(shape)
+    inputs = serving_prompts(config.vocab_size, prompts)
+    model = build("minigpt", config, device).eval()
+    generation = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)
+    # A KV cache sized for these requests: left to itself, continuous batching sizes it from free memory, which on a
+    # CPU means most of the machine's RAM, set up again on every call.
+    pages = sum(math.ceil((len(prompt) + new_tokens) / 256) for prompt in inputs)
+    paged_cache = ContinuousBatchingConfig(num_blocks=pages, max_batch_tokens=512)
+
+    def continuous_batching() -> list[float]:
+        started = time.perf_counter()
+        outputs = model.generate_batch(inputs=inputs, generation_config=generation,
+                                       continuous_batching_config=paged_cache, progress_bar=False)
+        assert sum(len(output.generated_tokens) for output in outputs.values()) == prompts * new_tokens
+        return [output.lifespan[1] - started for output in outputs.values()]  # stamped on the same clock
+
+    def one_by_one() -> list[float]:
+        started, latencies = time.perf_counter(), []
+        for prompt in inputs:
+            model.generate(torch.tensor([prompt], device=device), generation_config=generation)
+            latencies.append(time.perf_counter() - started)
+        return latencies
+
+    engines = {"continuous batching": continuous_batching, "generate() one by one": one_by_one}
+    for run in engines.values():
+        run()  # warm-up: the paged cache is set up on the first call
+    runs = interleaved_runs(engines, repeats)
+    if vllm_python is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(Path(folder, "minigpt"))
+            convert(Path(folder, "minigpt"), Path(folder, "gpt2"), to="gpt2")
+            runs["vLLM, GPT-2 export"] = vllm_greedy(vllm_python, Path(folder, "gpt2"), inputs, new_tokens,
+                                                     repeats)["runs"]
+            runs["vLLM, MiniGPT folder"] = vllm_greedy(vllm_python, Path(folder, "minigpt"), inputs, new_tokens,
+                                                       repeats, model_impl="transformers",
+                                                       trust_remote_code=True)["runs"]
+    return {engine: serving_summary(engine_runs, prompts * new_tokens) for engine, engine_runs in runs.items()}
+
+
+def vllm_greedy(vllm_python: Path, folder: Path, prompts: list, new_tokens: int, repeats: int = 0,
+                env: dict | None = None, **options) -> dict:
+    """`vllm_greedy.py` in vLLM's own environment: its greedy tokens, `repeats` timed runs after a warm-up, and vLLM's
+    log. The whole process group (vLLM's engine core and workers) ends with it."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    environment.update({"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})  # GiB; vLLM's CPU default takes far more
+    options = {"skip_tokenizer_init": True, **options}  # token ids in, token ids out
+    command = [str(vllm_python), str(VLLM_GREEDY), str(folder), json.dumps(prompts), str(new_tokens),
+               json.dumps(options), str(repeats)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=environment, start_new_session=True)
+    try:
+        log, _ = process.communicate(timeout=1200)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever is left of vLLM's engine core and workers
+    answer = next((line for line in log.splitlines() if line.startswith("RESULT ")), None)
+    if process.returncode != 0 or answer is None:
+        raise RuntimeError(f"vLLM on {folder} failed (exit {process.returncode}):\n{log[-3000:]}")
+    return {**json.loads(answer.removeprefix("RESULT ")), "log": log}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # End to end: minigpt-pretrain against transformers' Trainer training GPT2LMHeadModel, script against script, on the
 # same token shard (the embedded corpus), model shape, batch, schedule and steps; each in a fresh process.
 
@@ -581,6 +646,9 @@ def main(argv=None) -> None:
                         f"Trainer (GPT2LMHeadModel), {END_TO_END_STEPS} steps each at every shape (minutes at 124M).")
     parser.add_argument("--data_scale", action="store_true", help="Also minigpt-pretrain's peak memory and speed on "
                         "a 10 MB and a 100 MB text file (about 2 minutes).")
+    parser.add_argument("--vllm", default=".venv-vllm/bin/python", help="The Python of a virtual environment with "
+                        "vllm-cpu (vLLM pins its own torch and transformers), for the serving rows; "
+                        "default: %(default)s; 'none' leaves vLLM out.")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_trainer_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -604,7 +672,10 @@ def main(argv=None) -> None:
         print("Skipping the bf16 rows: PyTorch has no native bf16 here (AVX-512 BF16 or AMX, absent or held off by "
               "ATEN_CPU_CAPABILITY), where bf16 matmuls are emulated and slow; --bf16 measures them anyway.")
     report = Report(machine, repeats, args.json)
-    deployment = []
+    deployment, serving = [], {}
+    vllm_python = Path(args.vllm) if args.vllm != "none" and Path(args.vllm).is_file() and not gpu else None
+    if vllm_python is None and args.vllm != "none":
+        print(f"Skipping the vLLM serving rows: no vllm-cpu environment at {args.vllm} (see --vllm).")
     for shape_name, shape in shapes.items():
         peaks = {}
         for dtype in dtypes:
@@ -643,9 +714,7 @@ def main(argv=None) -> None:
         if shape_name != "small" and not gpu:
             deployment = measure_deployments(report, shape_name, shape, repeats, new_tokens=8 if args.quick else 32)
             deployment_shape = shape_name
-        if shape_name not in ("small", "tiny"):
-            continue
-        for cache in ("dynamic", "static"):
+        for cache in ("dynamic", "static") if shape_name in ("small", "tiny") else ():
             for batch in (1, 8):
                 key = f"generate {shape_name} {cache}{'+compile' if cache == 'static' and compile_ else ''} b={batch}"
                 report.say(key)
@@ -654,15 +723,7 @@ def main(argv=None) -> None:
                 report.record(key, results, (f"{key} tokens/s", f"{results['minigpt']['tokens_per_second']:,.0f}",
                                              f"{results['gpt2']['tokens_per_second']:,.0f}", "n/a",
                                              ratio(results, "tokens_per_second", "gpt2"), "n/a"))
-        prompts = 4 if args.quick else 16
-        label = f"serve {shape_name} {prompts} mixed prompts"
-        report.say(label)
-        serving = measure_serving(shape, device, new_tokens, repeats, prompts=prompts)
-        report.record(f"serve {shape_name}", serving,
-                      (f"{label}, continuous batching tokens/s", f"{serving['continuous']['tokens_per_second']:,.0f}",
-                       "n/a", "n/a", "", ""),
-                      (f"{label}, one by one tokens/s", f"{serving['one_by_one']['tokens_per_second']:,.0f}",
-                       "n/a", "n/a", "", ""))
+        serving[shape_name] = serve(report, shape_name, shape, device, args, vllm_python)
     if args.data_scale:
         sizes = (0.2, 2) if args.quick else (10, 100)
         report.say(f"data scale: minigpt-pretrain on {sizes[0]} MB and {sizes[1]} MB of text")
@@ -683,6 +744,28 @@ def main(argv=None) -> None:
         print(f"\n{deployment_shape}: a 32-token prompt, then {8 if args.quick else 32} new tokens; int8: int8 "
               "weights, bf16 activations (hf_minigpt.quantize)")
         print_table(DEPLOYMENT, deployment)
+    prompts, new_tokens = serving_size(args)
+    for shape_name, rows in serving.items():
+        print(f"\n{shape_name}: serving {prompts} prompts of 8-64 tokens that arrive at once, {new_tokens} new tokens "
+              "each (greedy); latency: from their arrival to a request's last token")
+        print_table(SERVING, rows)
+
+
+def serving_size(args) -> tuple[int, int]:
+    """(prompts, new tokens) of the serving rows."""
+    return (4, 8) if args.quick else (16, 64)
+
+
+def serve(report, shape_name: str, shape, device, args, vllm_python: Path | None) -> list[tuple]:
+    prompts, new_tokens = serving_size(args)
+    report.say(f"serve {shape_name}: {prompts} mixed prompts at once" + (", vLLM too" if vllm_python else ""))
+    results = measure_serving(shape, device, new_tokens, 1 if args.quick else 3, prompts, vllm_python)
+    report.record(f"serve {shape_name}", results)
+    rows = [(engine, f"{figures['tokens_per_second']:,.0f}", f"{figures['p50_seconds']:.2f}",
+             f"{figures['p99_seconds']:.2f}") for engine, figures in results.items()]
+    for row in rows:
+        print(f"    {row[0]}: {row[1]} tokens/s, p50 {row[2]} s, p99 {row[3]} s", flush=True)
+    return rows
 
 
 class Report:

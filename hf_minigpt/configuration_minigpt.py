@@ -45,7 +45,9 @@ class MiniGPTConfig(PretrainedConfig):
     # whole.
     base_model_tp_plan = {
         "wte": "embedding_rowwise",
-        "h.*.attn.c_attn": "stacked_qkv_colwise",
+        "h.*.attn.q_proj": "colwise",
+        "h.*.attn.k_proj": "colwise",
+        "h.*.attn.v_proj": "colwise",
         "h.*.attn.c_proj": "rowwise",
         "h.*.mlp.c_fc": "colwise",
         "h.*.mlp.c_proj": "rowwise",

@@ -1,8 +1,9 @@
 """Checkpoint interop: GPT-2 (Hugging Face format) <-> MiniGPT, and nanoGPT -> MiniGPT.
 
-MiniGPT keeps GPT-2's tensor names; the one real difference is that GPT-2 stores its projections as
-`Conv1D` weights of shape (in, out) where MiniGPT uses `nn.Linear`, (out, in). Conversions therefore
-rename nothing but the odd head, transpose four weights per block, and check every tensor on the way.
+MiniGPT keeps GPT-2's tensor names but for two differences: GPT-2 stores its projections as `Conv1D`
+weights of shape (in, out) where MiniGPT uses `nn.Linear`, (out, in), and GPT-2 (like nanoGPT) fuses q, k
+and v into `c_attn`, which MiniGPT holds as `q_proj`, `k_proj`, `v_proj`. Conversions therefore transpose
+four weights per block, split or join `c_attn`, rename the odd head, and check every tensor on the way.
 
 Every conversion writes into a temporary folder beside the destination and renames it into place at the
 end, so a failure never leaves a half-written checkpoint behind.
@@ -13,18 +14,17 @@ import logging
 import pickle
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Transpose, WeightConverter, WeightRenaming
 
 from .configuration_minigpt import GPT2_ONLY_FIELDS, MiniGPTConfig
 from .modeling_minigpt import (
+    CONV1D_LAYERS,
+    QKV_PROJECTIONS,
     MiniGPTForCausalLM,
     MiniGPTForQuestionAnswering,
     MiniGPTForSequenceClassification,
@@ -35,8 +35,6 @@ from .training.checkpoint import atomic_folder
 
 logger = logging.getLogger(__name__)
 
-# GPT-2's Conv1D layers store their weights (in, out); nn.Linear wants (out, in).
-CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 CONV1D_WEIGHT = re.compile(rf"({'|'.join(re.escape(layer) for layer in CONV1D_LAYERS)})\.weight$")
 # Buffers that older GPT-2 checkpoints carry (the causal mask); MiniGPT builds masks instead.
 GPT2_MASK_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
@@ -122,7 +120,7 @@ def gpt2_to_minigpt_state_dict(state_dict: dict) -> dict:
         elif not name.startswith(("transformer.", *HEAD_PREFIXES)):
             name = f"transformer.{name}"  # the original `gpt2` upload was saved from the bare GPT2Model
         converted[name] = tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
-    return converted
+    return split_qkv(converted)
 
 
 def minigpt_to_gpt2_state_dict(state_dict: dict) -> dict:
@@ -130,8 +128,35 @@ def minigpt_to_gpt2_state_dict(state_dict: dict) -> dict:
         name.replace("score.", "classifier.", 1) if name.startswith("score.") else name: (
             tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
         )
-        for name, tensor in state_dict.items()
+        for name, tensor in fused_qkv(state_dict).items()
     }
+
+
+def split_qkv(state_dict: dict) -> dict:
+    """`attn.c_attn` ([q | k | v] along its outputs, nn.Linear's layout) -> `attn.q_proj`, `attn.k_proj`,
+    `attn.v_proj`; every other tensor as it is."""
+    split = {}
+    for name, tensor in state_dict.items():
+        prefix, fused, kind = name.rpartition("attn.c_attn.")
+        if not fused:
+            split[name] = tensor
+            continue
+        for projection, third in zip(QKV_PROJECTIONS, tensor.chunk(3, dim=0)):
+            split[f"{prefix}{projection}.{kind}"] = third.contiguous()
+    return split
+
+
+def fused_qkv(state_dict: dict) -> dict:
+    """The inverse of `split_qkv`: GPT-2's (and nanoGPT's, and GGUF's) one `attn.c_attn` per block."""
+    fused = {}
+    for name, tensor in state_dict.items():
+        prefix, query, kind = name.rpartition(f"{QKV_PROJECTIONS[0]}.")
+        if query:
+            thirds = [state_dict[f"{prefix}{projection}.{kind}"] for projection in QKV_PROJECTIONS]
+            fused[f"{prefix}attn.c_attn.{kind}"] = torch.cat(thirds, dim=0)
+        elif not any(f"{projection}." in name for projection in QKV_PROJECTIONS[1:]):
+            fused[name] = tensor
+    return fused
 
 
 def load_into(model: torch.nn.Module, state_dict: dict, source) -> torch.nn.Module:
@@ -221,6 +246,7 @@ def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
     )
     state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in checkpoint["model"].items()}
     state_dict = {name: tensor for name, tensor in state_dict.items() if not GPT2_MASK_BUFFER.search(name)}
+    state_dict = split_qkv(state_dict)
     model = MiniGPTForCausalLM(config)
     if not args.get("bias", True):
         # nanoGPT's bias=False: no Linear or LayerNorm biases, which is exactly MiniGPT with zero biases.
@@ -255,22 +281,6 @@ def convert(source, destination, to: str | None = None, dtype: str = "f16") -> P
 
         return write_onnx(source, destination)
     raise CheckpointError(f"Cannot convert a '{model_type}' checkpoint in {source} to {to or 'the other format'}.")
-
-
-@contextmanager
-def gpt2_weight_conversions(model_class):
-    """While `model_class.from_pretrained` loads a GPT-2 checkpoint: transformers' loader transposes the Conv1D
-    weights into nn.Linear's layout (before any shape check, so a square one is never loaded as it is) and renames
-    GPT2ForTokenClassification's head. Registered for this load only: MiniGPT checkpoints need no conversion."""
-    conversions = [
-        WeightConverter(f"{layer}.weight", f"{layer}.weight", operations=[Transpose()]) for layer in CONV1D_LAYERS
-    ]
-    conversions.append(WeightRenaming(r"^classifier\.", "score."))
-    register_checkpoint_conversion_mapping(model_class.__name__, conversions, overwrite=True)
-    try:
-        yield
-    finally:
-        register_checkpoint_conversion_mapping(model_class.__name__, [], overwrite=True)
 
 
 def gpt2_tokenizer(folder=None) -> GPT2TokenizerFast:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .convert import fused_qkv
 from .modeling_minigpt import MiniGPTForCausalLM
 
 # MiniGPT parameter -> GGUF tensor, as llama.cpp names GPT-2's.
@@ -75,7 +76,7 @@ def write_file(path: Path, model, tokenizer, dtype: str, name: str) -> None:
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     add_tokenizer(writer, tokenizer, config.vocab_size)
 
-    for name, tensor in model.state_dict().items():
+    for name, tensor in fused_qkv(model.state_dict()).items():  # llama.cpp's GPT-2 reads q, k and v fused
         if name == "lm_head.weight":
             continue  # tied to the token embedding, which llama.cpp reads as the output matrix too
         data = tensor.float().numpy()

@@ -1,8 +1,9 @@
 """MiniGPT: the GPT-2 decoder (Radford et al., 2019) as a native `transformers` model.
 
 Reads top to bottom like the paper: attention -> MLP -> block -> model -> heads. Parameter names are
-GPT-2's own (`wte`, `wpe`, `h.N.attn.c_attn`, ...), but the projections are `nn.Linear` rather than
-GPT-2's transposed `Conv1D`, so a GPT-2 checkpoint maps one-to-one after a transpose.
+GPT-2's own (`wte`, `wpe`, `h.N.attn.c_proj`, ...) with two differences, which the loader converts: the
+projections are `nn.Linear` rather than GPT-2's transposed `Conv1D`, and q, k and v are three projections
+(`q_proj`, `k_proj`, `v_proj`) rather than GPT-2's fused `c_attn`.
 
 This file imports nothing from `hf_minigpt` but its configuration: `save_pretrained` copies both files
 next to the weights, and the folder then loads with `trust_remote_code=True` where `hf_minigpt` is absent.
@@ -19,6 +20,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import Chunk, Transpose, WeightConverter, WeightRenaming
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
@@ -61,30 +64,6 @@ except ImportError:  # transformers 5.19 (what vLLM 0.32 pins) slices inline, as
         return hidden_states[:, positions, :]
 
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import distribute_tensor
-    from torch.distributed.tensor.placement_types import _StridedShard
-    from transformers.distributed.tensor_parallel import ALL_PARALLEL_STYLES, PackedColwiseParallel
-
-    class StackedQKVColwiseParallel(PackedColwiseParallel):
-        """The tensor-parallel style of `c_attn`, whose outputs are [q | k | v] (GPT-2's layout): each third is
-        sharded alike, so every rank holds whole heads of q, k and v, in the weight and in the bias."""
-
-        def __init__(self):
-            super().__init__(split_factor=3)
-
-        def shard_param(self, module, param, mesh, *, config=None, mesh_manager=None):
-            # transformers 5.25 passes the config and its mesh manager too; the thirds need neither.
-            meta = module._parameters.get(param)
-            if meta is not None:
-                placement = _StridedShard(dim=0, split_factor=3)
-                module._parameters[param] = nn.Parameter(
-                    distribute_tensor(meta, mesh, [placement], src_data_rank=None), requires_grad=meta.requires_grad
-                )
-
-    ALL_PARALLEL_STYLES.register("stacked_qkv_colwise", StackedQKVColwiseParallel())
-
-
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """softmax(q k^T * scaling + mask) v, written out; the reference the fused kernels must match."""
     attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, nh, T, S)
@@ -97,7 +76,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
 
 
 class MiniGPTAttention(nn.Module):
-    """Masked multi-head self-attention with one fused q/k/v projection."""
+    """Masked multi-head self-attention."""
 
     def __init__(self, config: MiniGPTConfig, layer_idx: int):
         super().__init__()
@@ -110,7 +89,12 @@ class MiniGPTAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scaling /= layer_idx + 1
 
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        # GPT-2 computes q, k and v in one fused projection, `c_attn`. Three projections shard by heads with plain
+        # column-parallel styles, in transformers' tensor parallelism and in serving engines alike; checkpoints that
+        # store `c_attn` are split on load (see `fused_qkv_conversions`).
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.writes_to_residual = True  # scaled init, see MiniGPTPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -123,12 +107,10 @@ class MiniGPTAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
-        head_shape = (batch_size, seq_len, -1, self.head_dim)
-        # (thirds, not n_embd-wide splits: under tensor parallelism this rank holds a third of its heads' width each)
-        query, key, value = self.c_attn(hidden_states).chunk(3, dim=2)
-        query = query.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
-        key = key.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
-        value = value.view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+        head_shape = (batch_size, seq_len, -1, self.head_dim)  # -1: the heads this rank holds
+        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
 
         if cache is not None:
             # (B, nh, S, hs): cached keys, then these. A paged cache (continuous batching) also fills in `kwargs`
@@ -194,6 +176,27 @@ class MiniGPTBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
+# GPT-2 stores its projections as Conv1D weights, (in, out); nn.Linear's are (out, in).
+CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+QKV_PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+
+
+def checkpoint_conversions(model_type: str | None) -> list:
+    """How a checkpoint of `model_type` becomes MiniGPT's layout, in transformers' conversion API. GPT-2's fused
+    `c_attn` holds [q | k | v] along its outputs; older MiniGPT folders hold the same as an nn.Linear. GPT-2's
+    Conv1D weights are transposed before any shape check, so a square one is never loaded as it is."""
+    split_qkv = [Transpose(), Chunk(dim=0)] if model_type == "gpt2" else [Chunk(dim=0)]
+    conversions = [
+        WeightConverter("attn.c_attn.weight", [f"{name}.weight" for name in QKV_PROJECTIONS], operations=split_qkv),
+        WeightConverter("attn.c_attn.bias", [f"{name}.bias" for name in QKV_PROJECTIONS], operations=[Chunk(dim=0)]),
+    ]
+    if model_type == "gpt2":
+        conversions += [WeightConverter(f"{layer}.weight", f"{layer}.weight", operations=[Transpose()])
+                        for layer in CONV1D_LAYERS[1:]]
+        conversions.append(WeightRenaming(r"^classifier\.", "score."))  # GPT2ForTokenClassification's head
+    return conversions
+
+
 class MiniGPTPreTrainedModel(PreTrainedModel):
     config: MiniGPTConfig
     base_model_prefix = "transformer"
@@ -224,22 +227,21 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        # A GPT-2 checkpoint (a folder or a hub id) holds the same tensors under the same names, but stores the
-        # projections as transposed Conv1D weights. hf_minigpt declares that difference as weight conversions for
-        # transformers' loader, so revisions, shards, dtypes, device maps and new heads work as for any checkpoint.
+        # A GPT-2 checkpoint (a folder or a hub id), or a MiniGPT folder saved before q, k and v were split, holds the
+        # same weights in another layout. It is declared as weight conversions for transformers' loader, so
+        # revisions, shards, dtypes, device maps and new heads work as for any checkpoint.
+        source_type = cls.config_class.model_type
         if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
-            checkpoint_config, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)
-            if checkpoint_config.get("model_type") == "gpt2":
-                try:  # (here, not at the top: remote code needs hf_minigpt only for this path)
-                    from hf_minigpt.convert import gpt2_weight_conversions
-                except ImportError as error:
-                    raise ImportError("Loading a GPT-2 checkpoint into MiniGPT needs hf_minigpt installed.") from error
-                with gpt2_weight_conversions(cls):
-                    loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-                model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
-                model._weight_conversions = None  # it saves as a MiniGPT checkpoint, not as the GPT-2 one it came from
-                return loaded
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            source_type = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)[0].get("model_type")
+        # (registered for this load only: saving reverts a model's conversions, and MiniGPT saves its own layout)
+        register_checkpoint_conversion_mapping(cls.__name__, checkpoint_conversions(source_type), overwrite=True)
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        finally:
+            register_checkpoint_conversion_mapping(cls.__name__, [], overwrite=True)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
+        model._weight_conversions = None
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # Name every head in `auto_map`, not only this one: a checkpoint loaded as remote code can then be

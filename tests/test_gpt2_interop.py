@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoTokenizer,
     DynamicCache,
@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from hf_minigpt.convert import CheckpointError, convert, gpt2_tokenizer
+from hf_minigpt.convert import CheckpointError, convert, fused_qkv, gpt2_tokenizer
 from hf_minigpt.modeling_minigpt import CACHE_FIELD
 
 GPT2_VARIANTS = {
@@ -148,6 +148,20 @@ def test_round_trip_minigpt_gpt2_minigpt_is_bit_identical(gpt2_pair, tmp_path):
     # ... and the exported GPT-2 folder is a GPT-2 that computes what MiniGPT computes.
     exported = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2").eval()
     torch.testing.assert_close(exported(INPUTS).logits, minigpt(INPUTS).logits, atol=ATOL, rtol=0)
+
+
+def test_a_folder_saved_with_a_fused_c_attn_loads_and_saves_q_k_v_apart(gpt2_pair, tmp_path):
+    """MiniGPT folders written before q, k and v were three projections hold GPT-2's fused `c_attn` (as nn.Linear)."""
+    _, minigpt, _ = gpt2_pair
+    minigpt.save_pretrained(tmp_path / "fused")
+    fused = {name: tensor for name, tensor in fused_qkv(minigpt.state_dict()).items() if name != "lm_head.weight"}
+    save_file(fused, tmp_path / "fused" / "model.safetensors")
+    assert "transformer.h.0.attn.c_attn.bias" in load_file(tmp_path / "fused" / "model.safetensors")
+    loaded = MiniGPTForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    torch.testing.assert_close(loaded(INPUTS).logits, minigpt(INPUTS).logits, atol=0, rtol=0)
+    loaded.save_pretrained(tmp_path / "split")
+    saved = load_file(tmp_path / "split" / "model.safetensors")
+    assert "transformer.h.0.attn.v_proj.weight" in saved and not any("c_attn" in name for name in saved)
 
 
 def test_sharded_and_bin_checkpoints_load(tmp_path):

@@ -38,14 +38,16 @@ def ids(*rows):
     return torch.tensor(rows)
 
 
-def test_parameter_names_are_gpt2s(model):
+def test_parameter_names_are_gpt2s_with_q_k_v_apart(model):
     names = set(model.state_dict())
     for name in ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
-                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.1.ln_2.bias",
+                 "transformer.h.0.attn.q_proj.weight", "transformer.h.0.attn.k_proj.bias",
+                 "transformer.h.0.attn.v_proj.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.1.ln_2.bias",
                  "transformer.h.1.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "transformer.ln_f.weight",
                  "lm_head.weight"]:
         assert name in names
-    assert model.transformer.h[0].attn.c_attn.weight.shape == (3 * 32, 32)  # nn.Linear: (out, in)
+    assert model.transformer.h[0].attn.q_proj.weight.shape == (32, 32)  # nn.Linear: (out, in)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (4 * 32, 32)
 
 
 def test_lm_head_is_tied_to_token_embedding(model):
@@ -56,8 +58,8 @@ def test_residual_projections_get_gpt2_scaled_init():
     torch.manual_seed(0)
     model = MiniGPTForCausalLM(tiny_config(n_embd=256, n_head=4, n_layer=8))
     c_proj_std = torch.cat([block.attn.c_proj.weight.flatten() for block in model.transformer.h]).std().item()
-    c_attn_std = torch.cat([block.attn.c_attn.weight.flatten() for block in model.transformer.h]).std().item()
-    assert c_attn_std == pytest.approx(0.02, rel=0.02)
+    q_proj_std = torch.cat([block.attn.q_proj.weight.flatten() for block in model.transformer.h]).std().item()
+    assert q_proj_std == pytest.approx(0.02, rel=0.02)
     assert c_proj_std == pytest.approx(0.02 / (2 * 8) ** 0.5, rel=0.02)
 
 

@@ -74,23 +74,14 @@ def test_tensor_parallel_over_two_processes_matches_one_process(lively_model, tm
     assert sharded["shapes"] == {
         "transformer.wte.weight": [11, n_embd],  # 21 tokens: 11 on rank 0, 10 on rank 1 (and the tied head alike)
         "transformer.h.0.ln_1.weight": [n_embd], "transformer.h.0.ln_1.bias": [n_embd],
-        "transformer.h.0.attn.c_attn.weight": [3 * n_embd // 2, n_embd], "transformer.h.0.attn.c_attn.bias": [48],
+        "transformer.h.0.attn.q_proj.weight": [n_embd // 2, n_embd], "transformer.h.0.attn.q_proj.bias": [16],
+        "transformer.h.0.attn.k_proj.weight": [n_embd // 2, n_embd], "transformer.h.0.attn.k_proj.bias": [16],
+        "transformer.h.0.attn.v_proj.weight": [n_embd // 2, n_embd], "transformer.h.0.attn.v_proj.bias": [16],
         "transformer.h.0.attn.c_proj.weight": [n_embd, n_embd // 2], "transformer.h.0.attn.c_proj.bias": [n_embd],
         "transformer.h.0.ln_2.weight": [n_embd], "transformer.h.0.ln_2.bias": [n_embd],
         "transformer.h.0.mlp.c_fc.weight": [2 * n_embd, n_embd], "transformer.h.0.mlp.c_fc.bias": [2 * n_embd],
         "transformer.h.0.mlp.c_proj.weight": [n_embd, 2 * n_embd], "transformer.h.0.mlp.c_proj.bias": [n_embd],
     }
-
-
-def test_the_stacked_qkv_style_takes_the_arguments_transformers_5_25_passes():
-    """5.25's `apply_tensor_parallelism` calls `style.shard_param(module, name, mesh, config=..., mesh_manager=...)`
-    (read from its wheel; it does not install here yet)."""
-    import inspect
-
-    from hf_minigpt.modeling_minigpt import StackedQKVColwiseParallel
-
-    inspect.signature(StackedQKVColwiseParallel.shard_param).bind(
-        StackedQKVColwiseParallel(), torch.nn.Linear(4, 12), "weight", None, config=None, mesh_manager=None)
 
 
 def test_forward_keyword_arguments_reach_every_layers_attention(model):

