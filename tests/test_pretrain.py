@@ -74,13 +74,14 @@ def test_documents_are_joined_with_eos_and_packed(tokenizer):
     assert [tokenizer.convert_ids_to_tokens(block["input_ids"].tolist()) for block in blocks] == [
         block.split() for block in expected.split(" | ")
     ]
-    # Positions restart at each EOS, counted from the start of the block.
-    assert [block["position_ids"].tolist() for block in blocks] == [[0, 1, 2, 3], [0, 1, 2, 3], [1, 2, 0, 1],
+    # Positions restart at each EOS, counted from 0 at the start of the block.
+    assert [block["position_ids"].tolist() for block in blocks] == [[0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 0, 1],
                                                                     [0, 1, 2, 3]]
 
 
 def test_document_positions_restart_at_each_eos():
-    assert document_positions(torch.tensor([5, 6, 0, 7, 0, 0, 8]), eos_token_id=0).tolist() == [1, 2, 0, 1, 0, 0, 1]
+    assert document_positions(torch.tensor([5, 6, 0, 7, 0, 0, 8]), eos_token_id=0).tolist() == [0, 1, 0, 1, 0, 0, 1]
+    assert document_positions(torch.tensor([5, 6, 7]), eos_token_id=0).tolist() == [0, 1, 2]  # within the block
 
 
 def test_document_masking_keeps_packed_documents_apart(model):
@@ -124,7 +125,6 @@ def write(path: Path, content) -> str:
         ("rows.jsonl", '{"body": "the cat"}\n', [], r"--text_column 'text' is not a column .* \['body'\]"),
         ("numbers.csv", "text\n1\n2\n", [], r"--text_column 'text' holds Value\('int64'\), not text"),
         ("blank.jsonl", '{"text": ""}\n{"text": ""}\n', [], r"every 'text' value is empty"),
-        ("short.txt", "the cat sat", ["--block_size", "30"], r"shorter than one block of 30 tokens"),
         ("mixed.txt", "the cat", ["--train_file", "x.parquet"], r"Cannot read \['\.parquet', '\.txt'\] files"),
     ],
 )
@@ -204,14 +204,25 @@ def test_block_size_beyond_the_context_is_refused(tmp_path, tiny_checkpoint):
               "--output_dir", str(tmp_path / "out")])
 
 
-def test_a_new_model_is_as_long_as_its_blocks(tmp_path, tiny_checkpoint):
-    from hf_minigpt.pretrain import pick_block_size
+def test_a_new_model_is_as_long_as_its_blocks_and_never_shorter_than_generation_needs(tmp_path, tiny_checkpoint):
+    from hf_minigpt.pretrain import new_model_positions, pick_block_size
 
-    for flags, expected in (([], 128), (["--block_size", "256"], 256)):
+    for flags, block_size, positions in (([], 128, 128), (["--block_size", "256"], 256, 256),
+                                         (["--block_size", "64"], 64, 128)):
         settings = parse_args(["--output_dir", str(tmp_path / "out"), *flags])
-        assert pick_block_size(settings, resume=None) == expected
+        assert (pick_block_size(settings, resume=None), new_model_positions(settings)) == (block_size, positions)
     continued = parse_args(["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(tiny_checkpoint)])
     assert pick_block_size(continued, resume=None) == 32  # the checkpoint's n_positions
+
+
+def test_a_corpus_shorter_than_one_block_trains_on_one_shorter_block(tmp_path):
+    sentences = "".join(f"Sentence {i} is short.\n" for i in range(10))
+    result = pretrain("--train_file", write(tmp_path / "ten.txt", sentences), "--output_dir", str(tmp_path / "out"),
+                      "--block_size", "128", "--max_train_steps", "4")
+    tokens = re.search(r"The train text holds (\d+) tokens, fewer than a block of 128: blocks of \1 tokens",
+                       result.stdout)
+    assert tokens and f"1 training blocks of {tokens[1]} tokens" in result.stdout
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["n_positions"] == 128
 
 
 def test_a_previous_run_is_not_overwritten_and_the_advice_works(tmp_path, capsys):
@@ -263,7 +274,9 @@ def test_output_folder_loads_and_reports(uninterrupted):
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert type(model).__name__ == "MiniGPTForCausalLM" and len(tokenizer) == model.config.vocab_size == 512
-    assert tokenizer.decode(tokenizer("def f(x):\n    return x").input_ids) == "def f(x):\n    return x"
+    # A text starts after EOS, as every training document does; decoded, it is the text again.
+    ids = tokenizer("def f(x):\n    return x").input_ids
+    assert ids[0] == tokenizer.eos_token_id and tokenizer.decode(ids[1:]) == "def f(x):\n    return x"
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
 
     card = ModelCard.load(output_dir / "README.md")
@@ -436,18 +449,22 @@ def test_a_streamed_run_resumes_exactly(tmp_path, tiny_checkpoint):
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 8
 
 
-def test_a_text_file_read_in_pieces_gives_the_pieces_of_the_whole_document(tmp_path, monkeypatch):
+def test_text_files_fall_into_documents_at_blank_lines_or_else_at_every_line(tmp_path, monkeypatch):
     from hf_minigpt.training import data
 
-    monkeypatch.setattr(data, "PIECE_CHARS", 16)
-    lines = ["short", "a line that is longer than a piece", "", "x" * 40, "end"]
-    text = "\n".join(lines) + "\nno newline at the end " * 3
-    for name, content in (("a.txt", text), ("b.txt", "tiny"), ("c.txt", "y" * 32)):
-        (tmp_path / name).write_text(content)
+    monkeypatch.setattr(data, "PIECE_CHARS", 16)  # long documents come in pieces
+    (tmp_path / "a_prose.txt").write_text("A first paragraph\nthat wraps.\n\n \t\n\nThen " + "x" * 40 + "\nends.\n")
+    (tmp_path / "b_lines.txt").write_text("Python reads like English.\nRust is safe.\r\nGo builds fast.")
+    (tmp_path / "c_tiny.txt").write_text("tiny")
+    expected = ["A first paragraph\nthat wraps.", "Then " + "x" * 40 + "\nends.",
+                "Python reads like English.", "Rust is safe.", "Go builds fast.", "tiny"]
     files = sorted(str(path) for path in tmp_path.glob("*.txt"))
-    documents = {"text": [Path(file).read_text() for file in files]}
-    assert list(data.read_pieces(files)) == [
-        {"text": piece, "starts_document": first} for piece, first in
-        zip(*data.split_documents(documents, "text").values())]
-    read = data.load_files([str(tmp_path / "*.txt")], "train", in_pieces=True)
-    assert "".join(read["text"]) == "".join(documents["text"]) and sum(read["starts_document"]) == 3
+    for pieces in (list(data.read_pieces(files)),
+                   data.load_files([str(tmp_path / "*.txt")], "train", in_pieces=True).to_list()):
+        documents = []
+        for piece in pieces:
+            if piece["starts_document"]:
+                documents.append(piece["text"])
+            else:
+                documents[-1] += piece["text"]
+        assert documents == expected and len(pieces) > len(documents)

@@ -25,6 +25,26 @@ def section(title: str) -> str:
     return README.read_text().split(f"## {title}", 1)[1].split("\n## ", 1)[0]
 
 
+COUNT_SENTENCES = """
+import contextlib, io, json, sys
+import hf_minigpt
+from hf_minigpt import generate_cli
+from transformers import pipeline
+
+folder, sentences = sys.argv[1], json.loads(sys.argv[2])
+generator = pipeline("text-generation", model=folder)
+through_pipeline = through_cli = 0
+for sentence in sentences:
+    word = sentence.split()[0]
+    through_pipeline += generator(word, max_new_tokens=32, do_sample=False)[0]["generated_text"] == sentence
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        generate_cli.main([folder, "--prompt", word, "--greedy", "--max_new_tokens", "32"])
+    through_cli += printed.getvalue().strip() == sentence
+print(json.dumps([through_pipeline, through_cli]))
+"""
+
+
 def test_readme_python_blocks_run(tmp_path):
     # (The toy's block needs the toy's training run: its own test below runs both.)
     python = [block for block in blocks("python", README.read_text()) if TOY_FOLDER not in block]
@@ -51,12 +71,19 @@ def test_the_toy_gpt_continues_a_sentence_as_the_readme_says(tmp_path):
                              timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "No validation: 2 block(s) are too few to hold out 5%" in trained.stdout
-    assert "500 steps" in trained.stdout
+    assert "500 steps" in trained.stdout and "a context of 128 tokens" in trained.stdout
     generated = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True,
                                text=True, timeout=300)
     assert generated.returncode == 0, generated.stderr[-3000:]
     expected = python.strip().splitlines()[-1].removeprefix("# ")
     assert generated.stdout.strip().splitlines()[-1] == expected
+    # Every sentence from a plain prompt of its first word, through `pipeline` and through minigpt-generate.
+    sentences = (tmp_path / "lang.txt").read_text().splitlines()
+    counted = subprocess.run([sys.executable, "-c", COUNT_SENTENCES, TOY_FOLDER, json.dumps(sentences)], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert counted.returncode == 0, counted.stderr[-3000:]
+    through_pipeline, through_cli = json.loads(counted.stdout.splitlines()[-1])
+    assert through_pipeline >= 18 and through_cli >= 18, (through_pipeline, through_cli)
     # The card says what happened: the vocabulary the tokenizer has, and that nothing was held out.
     card = (tmp_path / TOY_FOLDER / "README.md").read_text()
     vocab_size = json.loads((tmp_path / TOY_FOLDER / "config.json").read_text())["vocab_size"]

@@ -7,6 +7,7 @@ with one line that names it, before the first step.
 
 import codecs
 import glob
+import re
 from pathlib import Path
 
 import datasets
@@ -20,8 +21,8 @@ class DataError(ValueError):
 
 # File extension -> `datasets` builder (and its options).
 BUILDERS = {
-    ".txt": ("text", {"sample_by": "document"}),  # one file, one document: EOS goes between files, not lines
-    ".text": ("text", {"sample_by": "document"}),
+    ".txt": ("text", {"sample_by": "paragraph"}),  # as `read_pieces` reads them (compressed files: by paragraph)
+    ".text": ("text", {"sample_by": "paragraph"}),
     ".json": ("json", {}),
     ".jsonl": ("json", {}),
     ".csv": ("csv", {}),
@@ -106,19 +107,47 @@ def pieces(texts, column: str):
                                               remove_columns=[column], **description)
 
 
+# How a plain-text file falls into documents: at blank lines, or, in a file with none, at every line break. Prose keeps
+# its paragraphs whole and a file of short lines (sentences, names, titles) learns each line from its start.
+BLANK_LINES = re.compile(r"\n(?:[ \t]*\n)+")
+LINE_BREAK = re.compile(r"\n")
+
+
+def has_blank_line(file: str) -> bool:
+    with open(file, encoding="utf-8") as handle:
+        tail = ""  # a blank line may straddle two reads
+        while chunk := handle.read(PIECE_CHARS):
+            if BLANK_LINES.search(tail + chunk):
+                return True
+            tail = (tail + chunk)[-256:]
+    return False
+
+
 def read_pieces(files: list[str], versions=None):
-    """The pieces `split_documents` cuts each file (one document) into, read from the file one piece at a time."""
+    """The documents of plain-text files (split at blank lines, or at every line where a file has none), as pieces
+    of up to about PIECE_CHARS characters, cut after a newline where there is one, read a piece at a time: a large
+    file is never held whole."""
     for file in files:
+        separator = BLANK_LINES if has_blank_line(file) else LINE_BREAK
         with open(file, encoding="utf-8") as handle:
-            text, first = handle.read(PIECE_CHARS), True
-            while True:
-                ahead = handle.read(1)  # whether the document goes on after this piece
-                end = (text.rfind("\n") + 1 or len(text)) if ahead else len(text)
-                yield {"text": text[:end], "starts_document": first}
-                if not ahead:
-                    break
-                rest = text[end:] + ahead
-                text, first = rest + handle.read(PIECE_CHARS - len(rest)), False
+            pending, begun = "", False  # the text of a document not yet ended; whether a piece of it went out
+            while chunk := handle.read(PIECE_CHARS):
+                *ended, pending = separator.split(pending + chunk)
+                for document in ended:
+                    yield from piece(document, begun)
+                    begun = False
+                while len(pending) > PIECE_CHARS:  # a long document: what it holds so far goes out
+                    cut = pending.rfind("\n", 0, PIECE_CHARS) + 1 or PIECE_CHARS
+                    yield from piece(pending[:cut], begun)
+                    pending, begun = pending[cut:], True
+            yield from piece(pending.rstrip("\n"), begun)
+
+
+def piece(text: str, continues_a_document: bool):
+    if not continues_a_document:
+        text = text.lstrip("\n")  # (the end of a blank line that straddled two reads)
+    if text.strip():  # blank "documents" are no documents
+        yield {"text": text, "starts_document": not continues_a_document}
 
 
 def row_location(patterns: list[str], index: int) -> str:

@@ -48,7 +48,17 @@ def train_tokenizer(texts, vocab_size: int, eos: str) -> PreTrainedTokenizerFast
     )
     batches = ([text for text in batch["text"] if text] for batch in texts.iter(batch_size=64))
     backend.train_from_iterator(batches, trainer, length=len(texts))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eos, eos_token=eos, unk_token=eos)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eos, eos_token=eos, unk_token=eos)
+    return starting_documents(tokenizer)
+
+
+def starting_documents(tokenizer):
+    """`tokenizer`, made to start every text with EOS, as every training document starts (GPT-2's <|endoftext|>
+    between texts). A plain `tokenizer(text)`, and with it `pipeline("text-generation")`, then gives a prompt that
+    starts a text the position it had in training, as Llama's tokenizers add their BOS. Saved with the tokenizer."""
+    tokenizer.bos_token = tokenizer.eos_token
+    tokenizer.add_bos_token = True
+    return tokenizer
 
 
 def fit_embeddings(model, tokenizer) -> None:
@@ -58,12 +68,11 @@ def fit_embeddings(model, tokenizer) -> None:
 
 
 def token_ids(texts, tokenizer, column: str, workers: int | None = None):
-    """The documents' token ids, in pieces ("input_ids"), each document after an EOS (GPT-2's <|endoftext|> between
-    texts: a prompt that starts a text is then [EOS, ...], as in training)."""
+    """The documents' token ids, in pieces ("input_ids"), each document after an EOS (see `starting_documents`)."""
     eos = tokenizer.eos_token_id
 
     def encode(batch):
-        ids = tokenizer(batch["text"], verbose=False)["input_ids"]
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
         return {"input_ids": [[eos, *piece] if first else piece for piece, first in zip(ids, batch["starts_document"])]}
 
     options = {"num_proc": workers, "desc": "Tokenizing"} if isinstance(texts, datasets.Dataset) else {}
@@ -206,7 +215,8 @@ def block_item(input_ids: torch.Tensor, eos_token_id: int | None) -> dict:
 
 def document_positions(block: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     """Position ids that restart at every EOS (each document's first token), so packed documents do not attend to
-    each other. Tokens before the block's first EOS count on from 1, as the rest of a document."""
+    each other. Tokens before the block's first EOS (the rest of a document begun in an earlier block) count from 0,
+    so that a block without an EOS stays within the model's positions."""
     index = torch.arange(len(block))
-    last_eos = torch.cummax(torch.where(block == eos_token_id, index, -1), dim=0).values
+    last_eos = torch.cummax(torch.where(block == eos_token_id, index, 0), dim=0).values
     return index - last_eos
