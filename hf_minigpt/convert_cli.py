@@ -1,15 +1,15 @@
 """`minigpt-convert SRC DST [--to minigpt|gpt2|gguf|onnx]`: convert GPT-2, MiniGPT and nanoGPT checkpoints; export
 MiniGPT to GGUF and ONNX."""
 
-import argparse
 import logging
 import sys
 
+from .cli import ArgumentParser, quiet_loading
 from .convert import CheckpointError, convert
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minigpt-convert",
         description="Convert a checkpoint, detecting its format: a GPT-2 Hugging Face folder -> MiniGPT, a MiniGPT "
         "folder -> GPT-2 (for GPT2LMHeadModel and GPT-2 tools), a nanoGPT ckpt.pt -> MiniGPT.",
@@ -22,6 +22,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",
                         help="with --to gguf: how the weight matrices are stored (default: f16)")
     args = parser.parse_args(argv)
+    quiet_loading()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         written = convert(args.source, args.destination, to=args.to, dtype=args.dtype)

@@ -12,6 +12,7 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
+from .cli import ArgumentParser, quiet_loading
 from .modeling_minigpt import MiniGPTForCausalLM
 from .quantize import cpu_compile_config, quantize_int8
 from .training.settings import model_source_problem
@@ -38,8 +39,8 @@ def start_of_text(tokenizer, text: str) -> list[int]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="minigpt-generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="minigpt-generate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a MiniGPT or GPT-2 folder, or a hub id")
     parser.add_argument("--prompt", default="", help="text to continue; the tokenizer starts it as it starts "
                         "texts (minigpt-pretrain's after the end-of-text token, GPT-2's with nothing)")
@@ -53,6 +54,7 @@ def main(argv=None) -> None:
     parser.add_argument("--perplexity", metavar="FILE", help="instead of generating: the perplexity on this text "
                         "file, before and after --int8")
     args = parser.parse_args(argv)
+    quiet_loading()
     if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
         parser.error("--max_new_tokens and --top_k must be at least 1, --temperature above 0")
     if problem := model_source_problem(args.model, "MODEL"):  # a mistyped folder: said at once, not after retries

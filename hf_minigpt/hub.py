@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoTokenizer
 
+from .cli import ArgumentParser, quiet_loading
 from . import AUTO_CLASSES, MiniGPTConfig
 from .training.checkpoint import save_model_folder
 
@@ -111,7 +112,7 @@ def push_after_training(hub, output_dir, echo=print) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="minigpt-push", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("folder", help="An output folder of minigpt-pretrain or minigpt-finetune.")
@@ -124,6 +125,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="Assemble the folder and list what would be sent; send nothing.")
     args = parser.parse_args(argv)
+    quiet_loading()
     try:
         push(args.folder, args.repo_id, private=args.private, revision=args.revision,
              commit_message=args.commit_message, token=args.token, endpoint=args.endpoint, dry_run=args.dry_run)

@@ -2,6 +2,9 @@
 `position_ids`, `past_key_values.N.key/value` -> `logits`, `present.N.key/value`), exported by `torch.onnx.export`
 (dynamo) and run by onnxruntime. Needs `pip install onnx onnxscript` (and onnxruntime to run it)."""
 
+import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -51,14 +54,30 @@ def write_onnx(source, destination) -> Path:
     dynamic_shapes = ({0: batch_dim, 1: new_dim}, {0: batch_dim, 1: total_dim}, {0: batch_dim, 1: new_dim},
                       tuple({0: batch_dim, 2: cached_dim} for _ in range(2 * config.n_layer)))
     inputs = ["input_ids", "attention_mask", "position_ids", *cache_names("past_key_values", config.n_layer)]
-    with atomic_folder(destination) as scratch:
+    with atomic_folder(destination) as scratch, quiet_exporter():
         torch.onnx.export(
             WithFlatCache(model).eval(), example, scratch / "model.onnx", dynamo=True, dynamic_shapes=dynamic_shapes,
-            input_names=inputs, output_names=["logits", *cache_names("present", config.n_layer)],
+            input_names=inputs, output_names=["logits", *cache_names("present", config.n_layer)], verbose=False,
         )
         config.save_pretrained(scratch)
         copy_tokenizer_files(source, scratch)
     return Path(destination)
+
+
+@contextmanager
+def quiet_exporter():
+    """Without the exporter's notes on what it skips (torchvision's operators, when torchvision is absent) and on
+    dynamic axes it merges: none of them is about this model's export, which the tests check against the model."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        exporter_log.setLevel(level)
 
 
 def greedy_decode(session, prompt, new_tokens: int):

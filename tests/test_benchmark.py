@@ -19,7 +19,9 @@ def test_quick_benchmark_measures_every_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "b.json").read_text())["results"]
     # It says what it measures as it goes, on which CPU (instruction sets named), and skips emulated bf16.
-    assert "measuring train tiny fp32 ..." in result.stdout and "threads" in result.stdout.splitlines()[0]
+    assert result.stdout.startswith("--quick: tiny shapes and one repetition") and "not a measurement" in result.stdout
+    assert "measuring train tiny fp32 ..." in result.stdout and "threads" in result.stdout.splitlines()[1]
+    assert "Warning" not in result.stdout + result.stderr and "torchvision" not in result.stdout + result.stderr
     for dtype in ("fp32", "bf16") if native_bf16() else ("fp32",):
         training = report[f"train tiny {dtype}"]
         assert all(training[model]["tokens_per_second"] > 0 and 0 < training[model]["mfu"] for model in

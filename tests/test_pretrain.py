@@ -55,11 +55,13 @@ def checkpoint_weights(checkpoint: Path) -> dict:
 
 
 def refused(argv, capsys) -> str:
-    """The one line a usage mistake prints (exit status 2)."""
+    """The one line a usage mistake prints (exit status 2), before the pointer to --help."""
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    error, see_help = capsys.readouterr().err.strip().splitlines()  # not the whole usage first
+    assert see_help == "See 'minigpt-pretrain --help'."
+    return error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -168,9 +170,9 @@ def test_a_hub_id_the_hub_does_not_know_is_named(tmp_path):
         result = pretrain("--model_name_or_path", "nobody/no-such-model", "--output_dir", str(tmp_path / "out"),
                           check=False, env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert result.stderr.strip().splitlines() == [
         "minigpt-pretrain: error: --model_name_or_path nobody/no-such-model: no such folder here, and no such model "
-        "on the hub.")
+        "on the hub.", "See 'minigpt-pretrain --help'."]
 
 
 def test_help_shows_defaults_and_schedule_names(capsys):

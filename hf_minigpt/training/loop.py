@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
+from ..cli import quiet_loading
 from .checkpoint import Prepared, list_checkpoints, load_checkpoint, save_checkpoint, save_model_folder
 from .data import DataError
 from .processes import LaunchError, Peers, build_accelerator, is_lost_peer
@@ -56,6 +57,7 @@ def run_script(prog: str, parse, train, argv=None) -> None:
     signal ends it with the shell's exit code for that signal, so that `train && publish` does not publish; a lost
     process ends the others at once, with one line that says what to resume from."""
     settings = parse(argv)
+    quiet_loading()
     created = not Path(settings.run.output_dir).exists()
     try:
         accelerator = start(settings, prog)

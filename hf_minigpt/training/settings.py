@@ -14,7 +14,12 @@ from typing import Literal
 
 from transformers import HfArgumentParser, SchedulerType
 
+from ..cli import OneLineErrors
 from .checkpoint import find_checkpoint, list_checkpoints
+
+
+class SettingsParser(OneLineErrors, HfArgumentParser):
+    pass
 
 
 def setting(default=None, help: str = "", **argparse_options):
@@ -156,8 +161,7 @@ def parse(settings_class, prog: str, description: str, argv=None, defaults: dict
     overrides the groups' defaults for this script; `check(settings)` adds the script's own problems. Every problem
     is reported at once through `parser.error`: one line, exit status 2."""
     groups = {group.name: group.type for group in dataclasses.fields(settings_class)}
-    parser = HfArgumentParser(list(groups.values()), prog=prog, description=description,
-                              formatter_class=HelpFormatter)
+    parser = SettingsParser(list(groups.values()), prog=prog, description=description, formatter_class=HelpFormatter)
     parser.set_defaults(**(defaults or {}))
     parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
     settings = settings_class(**dict(zip(groups, parsed)))
