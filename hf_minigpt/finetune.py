@@ -28,7 +28,7 @@ from .hub import push_after_training
 from .training.checkpoint import load_whole_weights, save_model_folder
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
 from .training.loop import TrainingRun, run_script
-from .training.report import file_names, optimization_rows, pyplot, write_model_card
+from .training.report import evaluated_on, file_names, optimization_rows, pyplot, write_model_card
 from .training.settings import (
     DataSettings,
     HubSettings,
@@ -79,8 +79,17 @@ def parse_args(argv=None) -> FinetuneSettings:
     def problems(settings: FinetuneSettings) -> list[str]:
         return [] if settings.data.train_file else ["--train_file is required"]
 
-    return parse(FinetuneSettings, "minigpt-finetune", __doc__, argv,
-                 defaults=dict(per_device_eval_batch_size=32, validation_split_percentage=10), check=problems)
+    # A small data set is repeated for at least 100 steps, and the learning rate follows the model's size (below).
+    defaults = dict(per_device_eval_batch_size=32, validation_split_percentage=10, learning_rate=None,
+                    min_train_steps=100)
+    return parse(FinetuneSettings, "minigpt-finetune", __doc__, argv, defaults=defaults, check=problems)
+
+
+def fine_tuning_rate(parameters: int) -> float:
+    """GPT-2's usual fine-tuning rate, 5e-5 at its 124M parameters, times sqrt(124M / parameters), at most 1e-3:
+    a model of the size minigpt-pretrain makes (about 1M parameters) needs about ten times GPT-2's rate to learn
+    a small data set in a hundred steps; larger models, less."""
+    return min(5e-5 * (124e6 / parameters) ** 0.5, 1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -272,6 +281,10 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
     with accelerator.main_process_first():
         encoded = {name: encode(split, name) for name, split in splits.items()}
     model = load_classifier(task.model_name_or_path, resume, problem_type, label2id, tokenizer, accelerator.print)
+    if settings.optimization.learning_rate is None:
+        settings.optimization.learning_rate = fine_tuning_rate(model.num_parameters())
+        accelerator.print(f"Learning rate {settings.optimization.learning_rate:.1e}, for {model.num_parameters():,} "
+                          "parameters (--learning_rate chooses another).")
     collate = DataCollatorWithPadding(tokenizer)
     batch_size = settings.optimization.per_device_train_batch_size
     eval_loader = DataLoader(encoded["validation"], batch_size=settings.data.per_device_eval_batch_size,
@@ -368,7 +381,8 @@ def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type
         predicted_split, logits = ("test", test[0]) if test is not None else ("validation", validation_logits)
         write_predictions(output_dir / "predictions.csv", splits[predicted_split], settings, logits, problem_type,
                           names)
-        write_classification_card(settings, model, results, problem_type, names, metric, pictures)
+        example = splits["validation"][settings.data.text_column][0]  # the user's own kind of text
+        write_classification_card(settings, model, results, problem_type, names, metric, pictures, example)
         summary = {key: value for key, value in results.items() if isinstance(value, (int, float))}
         print(f"Saved the best model (epoch {best['epoch']}) to {output_dir}: "
               + ", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
@@ -402,7 +416,7 @@ def write_predictions(path, split, settings: FinetuneSettings, logits, problem_t
 
 
 def write_classification_card(settings: FinetuneSettings, model, results, problem_type, names, metric,
-                              pictures) -> None:
+                              pictures, example: str) -> None:
     data, task = settings.data, settings.classification
     training_data = f"Training: {file_names(data.train_file)}."
     training_data += f" Validation: {file_names(data.validation_file)}." if data.validation_file else (
@@ -423,7 +437,7 @@ def write_classification_card(settings: FinetuneSettings, model, results, proble
         settings.run.output_dir,
         model=model,
         pipeline_tag="text-classification",
-        dataset_name=Path(data.train_file[0]).name,
+        dataset_name=evaluated_on(data),
         metrics=index,
         results=shown,
         hyperparameters=hyperparameters,
@@ -432,7 +446,7 @@ def write_classification_card(settings: FinetuneSettings, model, results, proble
         training_data=training_data,
         procedure="AdamW (no decay on biases and LayerNorm weights), evaluation after every epoch, the best epoch "
         f"by eval_{metric} kept; trained with Accelerate.",
-        example_prompt="A gripping, beautifully acted film.",
+        example_prompt=example,
         base_model=task.model_name_or_path,
         repo_id=settings.hub.hub_model_id,
         pictures=pictures,

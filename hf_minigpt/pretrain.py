@@ -25,7 +25,7 @@ from . import MiniGPTConfig, MiniGPTForCausalLM
 from .hub import push_after_training
 from .training.data import DataError, check_columns, hold_out, load_files, pieces, train_loader
 from .training.loop import TrainingRun, run_script
-from .training.report import file_names, optimization_rows, write_model_card
+from .training.report import evaluated_on, file_names, optimization_rows, write_model_card
 from .training.settings import (
     DataSettings,
     HubSettings,
@@ -391,7 +391,7 @@ def write_pretraining_card(settings: PretrainSettings, model, results, samples, 
         settings.run.output_dir,
         model=model,
         pipeline_tag="text-generation",
-        dataset_name=Path(data.train_file[0]).name if data.train_file else EMBEDDED_CORPUS,
+        dataset_name=evaluated_on(data) or EMBEDDED_CORPUS,
         metrics=metrics,
         results=results,
         hyperparameters=hyperparameters,

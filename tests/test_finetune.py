@@ -373,3 +373,45 @@ def test_a_run_that_ends_mid_epoch_still_evaluates_and_saves_the_best_model(base
     found = results(tmp_path)
     assert found["train_steps"] == 3 and found["best_epoch"] == 0 and "eval_accuracy" in found
     assert (tmp_path / "model.safetensors").exists()
+
+
+TOPICS = {  # three clearly separable classes: no word is shared between two
+    "sports": (["The team", "Our striker", "The goalkeeper", "The coach", "The runner"],
+               ["won the match", "scored a late goal", "trained on the field", "lost the final", "ran the marathon"]),
+    "food": (["The soup", "My grandmother's bread", "The pasta", "This curry", "The cake"],
+             ["tastes of garlic", "was baked this morning", "needs more salt", "is served with rice",
+              "smells of cinnamon"]),
+    "weather": (["The storm", "Heavy rain", "A cold wind", "The morning fog", "Bright sunshine"],
+                ["is coming from the west", "flooded the valley", "blew all night", "covered the hills",
+                 "warmed the beach"]),
+}
+
+
+def topic_rows(per_topic: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = [{"text": f"{rng.choice(subjects)} {rng.choice(predicates)}.", "label": topic}
+            for topic, (subjects, predicates) in TOPICS.items() for _ in range(per_topic)]
+    rng.shuffle(rows)
+    return rows
+
+
+def test_the_defaults_learn_a_small_separable_data_set(tmp_path):
+    """60 rows of three separable topics; a model of minigpt-pretrain's defaults, pre-trained on their text;
+    minigpt-finetune's defaults (the learning rate follows the model's size): at least 90% of 30 new rows."""
+    train = topic_rows(20, seed=0)
+    (tmp_path / "texts.txt").write_text("".join(row["text"] + "\n" for row in train))
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    launches.run([sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(tmp_path / "texts.txt"),
+                  "--output_dir", str(tmp_path / "base"), "--max_new_tokens", "0"], env)
+    result = launches.run([sys.executable, "-m", "hf_minigpt.finetune", "--model_name_or_path", str(tmp_path / "base"),
+                           "--train_file", write_csv(tmp_path / "train.csv", train),
+                           "--test_file", write_csv(tmp_path / "test.csv", topic_rows(10, seed=1)),
+                           "--output_dir", str(tmp_path / "topics")], env)
+    assert re.search(r"Learning rate 6\.\de-04, for [\d,]+ parameters", result.stdout)
+    assert "105 steps" in result.stdout  # 54 rows, 7 steps per epoch, repeated for at least 100 steps
+    assert results(tmp_path / "topics")["test_accuracy"] >= 0.9
+    # The card shows the user's own kind of text, and names the file its validation scores come from.
+    card = ModelCard.load(tmp_path / "topics" / "README.md")
+    example = re.search(r'print\(classifier\((".*")\)\)', card.text)
+    assert json.loads(example[1]) in {row["text"] for row in train}
+    assert card.data.eval_results[0].dataset_name == "train.csv"

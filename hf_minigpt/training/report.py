@@ -27,6 +27,12 @@ def file_names(files) -> str:
     return ", ".join(f"`{Path(file).name}`" for file in files)
 
 
+def evaluated_on(data) -> str:
+    """The data a run's validation scores come from, for the card's metadata: the validation files, or the training
+    files that the validation rows were held out of."""
+    return ", ".join(Path(file).name for file in data.validation_file or data.train_file or [])
+
+
 def optimization_rows(optimization) -> dict:
     """The hyper-parameter table rows that every training script shares, from its `OptimizationSettings`."""
     return {

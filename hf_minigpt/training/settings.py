@@ -77,7 +77,8 @@ class OptimizationSettings:
     _argument_group_name = "optimization"
     per_device_train_batch_size: int = setting(8, "Training rows per process.")
     gradient_accumulation_steps: int = setting(1, "Batches per optimizer step.")
-    learning_rate: float = setting(5e-5, "Peak learning rate of AdamW.")
+    learning_rate: float | None = setting(5e-5, "Peak learning rate of AdamW (minigpt-finetune's default: GPT-2's "
+                                          "5e-5 at 124M parameters, scaled to the model's size).")
     weight_decay: float = setting(0.0, "Not applied to biases and LayerNorm weights.")
     max_grad_norm: float = setting(1.0, "Gradients are clipped to this norm (0: not clipped).")
     lr_scheduler_type: str = setting("linear", "Learning-rate schedule, one of: %(choices)s.",
@@ -94,7 +95,7 @@ class OptimizationSettings:
         found += [f"--{name} must not be negative, got {getattr(self, name)}"
                   for name in ("num_warmup_steps", "min_train_steps", "weight_decay", "max_grad_norm")
                   if getattr(self, name) < 0]
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             found.append(f"--learning_rate must be positive, got {self.learning_rate}")
         return found
 
