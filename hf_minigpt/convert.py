@@ -266,7 +266,7 @@ def convert(source, destination, to: str | None = None, dtype: str = "f16") -> P
             raise CheckpointError("A nanoGPT checkpoint converts to MiniGPT only; drop --to gpt2 or pass a folder.")
         return convert_nanogpt_to_minigpt(source, destination)
     if not source.is_dir():
-        raise CheckpointError(f"{source} does not exist.")
+        raise CheckpointError(f"{source}: no such folder or file.")
     model_type = read_config(source).get("model_type")
     if model_type == "gpt2" and to in (None, "minigpt"):
         return convert_gpt2_to_minigpt(source, destination)

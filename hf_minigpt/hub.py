@@ -58,6 +58,8 @@ def check_card(folder: Path) -> ModelCard:
 def assemble(folder, staging) -> list[Path]:
     """Write into `staging` exactly what will be pushed; return the files."""
     folder, staging = Path(folder), Path(staging)
+    if not folder.is_dir():
+        raise PushError(f"{folder}: no such folder.")
     if not (folder / "config.json").exists():
         raise PushError(f"{folder} is not a model folder (it has no config.json).")
     check_card(folder)

@@ -288,7 +288,7 @@ def test_convert_cli(gpt2_pair, tmp_path):
                                minigpt(INPUTS).logits)
     result = subprocess.run([sys.executable, "-m", "hf_minigpt.convert_cli", str(tmp_path / "nowhere"),
                              str(tmp_path / "x")], capture_output=True, text=True)
-    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "no such folder or file" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_gpt2_tokenizer_gives_openais_ids():
