@@ -1,5 +1,5 @@
-"""The README's examples run as written: its Python blocks in order, as one script, in a fresh process and a
-scratch folder (hub ids served by the local Hub-API test server), and the toy GPT end to end."""
+"""The README's and the guides' examples run as written: their Python blocks in order, as one script, in a fresh
+process and a scratch folder (hub ids served by the local Hub-API test server), and the toy GPT end to end."""
 
 import json
 import os
@@ -13,7 +13,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hub_server import FakeHub
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# The guides in the order the README lists them: later blocks may use what earlier ones made.
+GUIDES = [ROOT / "docs" / f"{name}.md" for name in
+          ("pretraining", "finetuning", "hub", "gpt2", "serving", "deployment", "speed", "design")]
 TOY_FOLDER = "runs/lang"
 
 
@@ -45,9 +49,16 @@ print(json.dumps([through_pipeline, through_cli]))
 """
 
 
+def test_the_readme_is_read_in_five_minutes_and_links_every_guide():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 150
+    assert all(f"(docs/{guide.name})" in text for guide in GUIDES)
+
+
 def test_readme_python_blocks_run(tmp_path):
     # (The toy's block needs the toy's training run: its own test below runs both.)
-    python = [block for block in blocks("python", README.read_text()) if TOY_FOLDER not in block]
+    python = [block for page in (README, *GUIDES) for block in blocks("python", page.read_text())
+              if TOY_FOLDER not in block]
     assert python, "README.md has no python blocks"
     script = "\n".join(python) + "\nprint('CHECK', type(model).__name__, tuple(logits.shape))\n"
     # The GPT-2 the README loads by hub id: a tiny random one in the real checkpoint format.
@@ -78,7 +89,7 @@ def test_the_toy_gpt_continues_a_sentence_as_the_readme_says(tmp_path):
     expected = python.strip().splitlines()[-1].removeprefix("# ")
     assert generated.stdout.strip().splitlines()[-1] == expected
     # Every sentence from a plain prompt of its first word, through `pipeline` and through minigpt-generate.
-    sentences = (tmp_path / "lang.txt").read_text().splitlines()
+    sentences = (tmp_path / "runs" / "lang.txt").read_text().splitlines()
     counted = subprocess.run([sys.executable, "-c", COUNT_SENTENCES, TOY_FOLDER, json.dumps(sentences)], cwd=tmp_path,
                              env=env, capture_output=True, text=True, timeout=300)
     assert counted.returncode == 0, counted.stderr[-3000:]

@@ -52,6 +52,13 @@ class RunComplete(Exception):
     """Nothing to do: the output folder already holds the finished run that was asked for."""
 
 
+def duration(seconds: float) -> str:
+    """"1 h 02 min", "3 min 05 s" or "12 s"."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
 def run_script(prog: str, parse, train, argv=None) -> None:
     """A training script's entry point. Bad data, or a loss that diverges, ends it with one line, not a trace; a
     signal ends it with the shell's exit code for that signal, so that `train && publish` does not publish; a lost
@@ -385,8 +392,11 @@ class TrainingRun:
                                f"{self.unit}_s": f"{self.throughput():.0f}"}
                     progress.set_postfix(**figures)
                     if not to_terminal and (self.step % line_every == 0 or self.step == plan.max_steps):
+                        # (a terminal gets tqdm's bar, which shows the time left itself)
+                        left = (plan.max_steps - self.step) * self.seconds / self.steps_this_run
                         accelerator.print(f"step {self.step}/{plan.max_steps}: "
-                                          + ", ".join(f"{key} {value}" for key, value in figures.items()))
+                                          + ", ".join(f"{key} {value}" for key, value in figures.items())
+                                          + f", {duration(left)} left")
                     if after_step is not None:
                         hook_started = time.perf_counter()
                         after_step(self.step, progress.write)
