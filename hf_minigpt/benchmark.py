@@ -373,8 +373,45 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
         llama_decode()
         timers["llama.cpp q8_0"] = timer_of(llama_decode, cpu)
     times = interleaved(timers, repeats)
+    weights = {name: weight_bytes_per_step(model) for name, (model, _) in engines.items()}
+    weights["onnxruntime"] = weights["MiniGPT eager"]  # the same fp32 weights
+    if (folder / "model.gguf").exists():
+        weights["llama.cpp q8_0"] = gguf_weight_bytes(folder / "model.gguf")
     return {name: {"tokens_per_second": batch * new_tokens / t["median"],
-                   "best_tokens_per_second": batch * new_tokens / t["min"]} for name, t in times.items()}
+                   "best_tokens_per_second": batch * new_tokens / t["min"], "weight_bytes": weights[name]}
+            for name, t in times.items()}
+
+
+def weight_bytes_per_step(model: nn.Module) -> int:
+    """The bytes of weights one decode step reads: every parameter and buffer once, but the position embedding and an
+    untied token embedding only serve lookups of a few rows (a tied one is also the LM head, read whole)."""
+    lookups = {model.get_input_embeddings().weight.data_ptr()} | {
+        module.weight.data_ptr() for name, module in model.named_modules() if name.endswith("wpe")}
+    output = model.get_output_embeddings()
+    lookups -= {output.weight.data_ptr()} if isinstance(output.weight, torch.Tensor) else set()
+    tensors = {tensor.data_ptr(): tensor for tensor in [*model.parameters(), *model.buffers()]}
+    return sum(tensor.numel() * tensor.element_size() for pointer, tensor in tensors.items() if pointer not in lookups)
+
+
+def gguf_weight_bytes(path: Path) -> int:
+    """The same for llama.cpp's file: every tensor but the position embedding (its token embedding is the output)."""
+    import gguf
+
+    return sum(int(tensor.n_bytes) for tensor in gguf.GGUFReader(str(path)).tensors
+               if tensor.name != "position_embd.weight")
+
+
+def memory_bandwidth() -> float:
+    """Bytes per second that a large copy moves on this CPU, reading and writing, with torch's threads: best of 5."""
+    source = torch.ones(64 * 2**20)  # 256 MB of fp32, far beyond any cache
+    target = torch.empty_like(source)
+    target.copy_(source)
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        target.copy_(source)
+        best = min(best, time.perf_counter() - started)
+    return 2 * source.numel() * source.element_size() / best
 
 
 def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens: int) -> list[tuple]:
@@ -393,13 +430,19 @@ def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens
             report.record(key, results[batch])
             print("    " + " | ".join(f"{engine} {speed['tokens_per_second']:,.0f}"
                                       for engine, speed in results[batch].items()), flush=True)
+    bandwidth = memory_bandwidth()
+    report.record(f"memory bandwidth {shape_name}", {"bytes_per_second": bandwidth})
     rows = []
     for engine in results[1]:
         speeds = [results[batch].get(engine, {}).get("tokens_per_second") for batch in (1, 8)]
         baselines = [results[batch]["GPT2LMHeadModel"]["tokens_per_second"] for batch in (1, 8)]
+        # Decoding one sequence reads every weight once per token: bandwidth / weight bytes bounds its speed.
+        ceiling = bandwidth / results[1][engine]["weight_bytes"]
         rows.append((engine, *(f"{speed:,.0f}" if speed else "n/a" for speed in speeds),
-                     *(f"{speed / baseline:.2f}x" if speed else "n/a" for speed, baseline in zip(speeds, baselines))))
-    return rows
+                     *(f"{speed / baseline:.2f}x" if speed else "n/a" for speed, baseline in zip(speeds, baselines)),
+                     f"{results[1][engine]['weight_bytes'] / 1e6:.3g}", f"{ceiling:,.0f}",
+                     f"{speeds[0] / ceiling:.0%}"))
+    return rows, bandwidth
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -627,7 +670,7 @@ def ratio(results: dict, key: str, other: str) -> str:
 
 COMPARISON = ("measurement", "MiniGPT", "GPT2LMHeadModel", "nanoGPT-style", "MiniGPT/GPT2", "MiniGPT/nanoGPT")
 DEPLOYMENT = ("greedy decode on the CPU", "b=1 tokens/s", "b=8 tokens/s", "b=1 vs GPT2LMHeadModel",
-              "b=8 vs GPT2LMHeadModel")
+              "b=8 vs GPT2LMHeadModel", "weights MB/token", "b=1 ceiling tokens/s", "b=1 share of ceiling")
 
 
 def print_table(header: tuple, rows: list[tuple]) -> None:
@@ -767,9 +810,10 @@ def deploy_table(bench: Bench, shape_name: str, shape) -> None:
     if shape_name == "small" or bench.gpu:  # the CPU runtimes, at the shape people deploy
         return
     new_tokens = 8 if bench.quick else 32
-    rows = measure_deployments(bench.report, shape_name, shape, bench.repeats, new_tokens)
+    rows, bandwidth = measure_deployments(bench.report, shape_name, shape, bench.repeats, new_tokens)
     bench.report.add_table(f"{shape_name}: a 32-token prompt, then {new_tokens} new tokens; int8: int8 weights, bf16 "
-                           "activations (hf_minigpt.quantize)", DEPLOYMENT, rows)
+                           "activations (hf_minigpt.quantize); ceiling: the memory bandwidth a copy reaches here "
+                           f"({bandwidth / 1e9:.1f} GB/s) / the weight bytes read per token", DEPLOYMENT, rows)
 
 
 def generate_table(bench: Bench, shape_name: str, shape) -> None:

@@ -179,7 +179,8 @@ def test_help_shows_defaults_and_schedule_names(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     shown = " ".join(capsys.readouterr().out.split())
-    assert "Peak learning rate of AdamW. (default: 0.002)" in shown and "(default: 500)" in shown
+    assert "scaled to the model's size). (default: 0.002)" in shown  # the learning rate: pre-training's own default
+    assert "(default: 500)" in shown
     assert "one of: linear, cosine," in shown and "SchedulerType" not in shown
 
 
