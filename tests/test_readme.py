@@ -88,6 +88,10 @@ def test_the_toy_gpt_continues_a_sentence_as_the_readme_says(tmp_path):
     assert generated.returncode == 0, generated.stderr[-3000:]
     expected = python.strip().splitlines()[-1].removeprefix("# ")
     assert generated.stdout.strip().splitlines()[-1] == expected
+    # Quiet: no warning from either command, no progress bar of transformers'.
+    said = trained.stdout + trained.stderr + generated.stdout + generated.stderr
+    assert "warn" not in said.lower(), said[max(said.lower().find("warn") - 300, 0):][:600]
+    assert "Loading weights" not in trained.stdout + trained.stderr
     # Every sentence from a plain prompt of its first word, through `pipeline` and through minigpt-generate.
     sentences = (tmp_path / "runs" / "lang.txt").read_text().splitlines()
     counted = subprocess.run([sys.executable, "-c", COUNT_SENTENCES, TOY_FOLDER, json.dumps(sentences)], cwd=tmp_path,
