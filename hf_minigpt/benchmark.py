@@ -516,12 +516,18 @@ def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, 
     return {engine: serving_summary(engine_runs, prompts * new_tokens) for engine, engine_runs in runs.items()}
 
 
+def vllm_environment(**extra) -> dict:
+    """This process's environment for vLLM's own Python: without this venv's variables, and 1 GiB of KV cache (vLLM's
+    CPU default takes far more)."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "PYTHON"))}
+    return {**environment, "VLLM_CPU_KVCACHE_SPACE": "1", **extra}
+
+
 def vllm_greedy(vllm_python: Path, folder: Path, prompts: list, new_tokens: int, repeats: int = 0,
                 env: dict | None = None, **options) -> dict:
     """`vllm_greedy.py` in vLLM's own environment: its greedy tokens, `repeats` timed runs after a warm-up, and vLLM's
     log. The whole process group (vLLM's engine core and workers) ends with it."""
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    environment.update({"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})  # GiB; vLLM's CPU default takes far more
+    environment = vllm_environment(**(env or {}))
     options = {"skip_tokenizer_init": True, **options}  # token ids in, token ids out
     command = [str(vllm_python), str(VLLM_GREEDY), str(folder), json.dumps(prompts), str(new_tokens),
                json.dumps(options), str(repeats)]

@@ -13,7 +13,7 @@ import torch
 
 import launches
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from hf_minigpt.benchmark import vllm_greedy
+from hf_minigpt.benchmark import vllm_environment, vllm_greedy
 from hf_minigpt.convert import convert, gpt2_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -28,12 +28,6 @@ if not VLLM_PYTHON.exists():
     if os.environ.get("CI"):  # CI builds it: a missing one is a failure there, not a skip
         raise RuntimeError(reason)
     pytest.skip(reason, allow_module_level=True)
-
-
-def vllm_environment(**extra) -> dict:
-    # vLLM's CPU build: 1 GiB of KV cache is plenty for these models.
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("VIRTUAL_ENV", "PYTHON"))}
-    return {**env, "VLLM_CPU_KVCACHE_SPACE": "1", **extra}
 
 
 @pytest.fixture(scope="module")
