@@ -4,7 +4,7 @@
     python scripts/benchmark.py --quick    # CI smoke run
 """
 
-from hf_minigpt.benchmark import main
+from minigpt_commands import bench as main
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     python scripts/convert_checkpoint.py SRC DST [--to minigpt|gpt2]
 """
 
-from hf_minigpt.convert_cli import main
+from minigpt_commands import convert as main
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@
         --validation_file dev.csv --output_dir runs/classifier
 """
 
-from hf_minigpt.finetune import main
+from minigpt_commands import finetune as main
 
 if __name__ == "__main__":
     main()

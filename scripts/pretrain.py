@@ -4,7 +4,7 @@
     accelerate launch --num_processes 2 scripts/pretrain.py --train_file 'data/*.txt' --output_dir runs/mine
 """
 
-from hf_minigpt.pretrain import main
+from minigpt_commands import pretrain as main
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
     python scripts/push_to_hub.py runs/pydoc your-name/minigpt-pydoc --dry-run
 """
 
-from hf_minigpt.hub import main
+from minigpt_commands import push as main
 
 if __name__ == "__main__":
     main()
