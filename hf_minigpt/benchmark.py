@@ -38,9 +38,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from .cli import ArgumentParser, quiet_loading
 from . import MiniGPTConfig, MiniGPTForCausalLM
-from .convert import convert, fused_qkv, minigpt_to_gpt2_state_dict
-from .gguf_export import write_gguf
-from .onnx_export import greedy_decode, write_onnx
+from .export import convert, fused_qkv
+from .export.gguf import write_gguf
+from .export.gpt2 import minigpt_to_gpt2_state_dict
+from .export.onnx import greedy_decode, write_onnx
+from .folders import RunFolder
 from .quantize import cpu_compile_config, quantize_int8
 
 # Dense peak TFLOPS from the vendors' data sheets (no sparsity), for MFU on GPUs.
@@ -591,7 +593,7 @@ def measure_end_to_end(shape, folder: Path, steps: int) -> dict:
     minigpt = run_measured([sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(tokens / "train.bin"),
                             "--tokenizer_name", str(tokenizer), "--max_train_steps", str(steps), "--output_dir",
                             str(folder / "minigpt"), "--max_new_tokens", "0", *flags], folder / "minigpt.log")
-    minigpt["tokens_per_second"] = json.loads((folder / "minigpt" / "all_results.json").read_text())[
+    minigpt["tokens_per_second"] = json.loads(RunFolder(folder / "minigpt").results.read_text())[
         "train_tokens_per_second"]
     trainer = run_measured([sys.executable, "-m", "hf_minigpt.benchmark", "--_trainer_child", json.dumps(shape),
                             str(folder), str(steps)], folder / "trainer.log")

@@ -5,7 +5,7 @@ import logging
 import sys
 
 from .cli import ArgumentParser, quiet_loading
-from .convert import CheckpointError, convert
+from .export import CheckpointError, convert, targets
 
 
 def main(argv=None):
@@ -16,7 +16,7 @@ def main(argv=None):
     )
     parser.add_argument("source", help="checkpoint folder, or a nanoGPT ckpt.pt file")
     parser.add_argument("destination", help="new folder to write (must not exist or be empty)")
-    parser.add_argument("--to", choices=["minigpt", "gpt2", "gguf", "onnx"],
+    parser.add_argument("--to", choices=targets(),
                         help="target format (default: the other one); gguf writes one llama.cpp file, onnx a folder "
                         "with model.onnx (KV cache as inputs and outputs), config and tokenizer")
     parser.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16",

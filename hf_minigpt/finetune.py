@@ -12,7 +12,6 @@ GPT2ForSequenceClassification; a tokenizer without a pad token (GPT-2's) pads wi
 import csv
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import datasets
@@ -25,7 +24,8 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
 from .hub import push_after_training
-from .training.checkpoint import load_whole_weights, save_model_folder
+from .folders import RunFolder, save_model_folder
+from .training.checkpoint import load_whole_weights
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
 from .training.loop import TrainingRun, run_script
 from .training.report import evaluated_on, file_names, optimization_rows, pyplot, write_model_card
@@ -301,7 +301,7 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
         f"{run.plan.steps_per_epoch} steps per epoch, {run.plan.max_steps} steps, "
         f"{accelerator.num_processes} process(es)."
     )
-    best_folder = Path(settings.run.output_dir, "best_model")
+    best_folder = RunFolder(settings.run.output_dir).best_model
 
     def after_epoch(epoch, write) -> bool:
         metrics = validation_metrics(run.model, run.eval_loader, accelerator, problem_type, names)
@@ -351,10 +351,10 @@ def load_classifier(source: str, resume, problem_type, label2id, tokenizer, say)
 
 def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type, names, metric, splits) -> dict:
     """The best model into --output_dir, with its metrics, test predictions, pictures and card."""
-    accelerator, output_dir = run.accelerator, Path(settings.run.output_dir)
+    accelerator, folder = run.accelerator, RunFolder(settings.run.output_dir)
     best = run.state["extra"]["best"]
     model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
-    best_weights = MiniGPTForSequenceClassification.from_pretrained(output_dir / "best_model")
+    best_weights = MiniGPTForSequenceClassification.from_pretrained(folder.best_model)
     load_whole_weights(model, best_weights.state_dict())
     results = {**run.summary(), "best_epoch": best["epoch"]}
     results.update({f"eval_{key}": value for key, value in best.items() if key not in ("report", "epoch")})
@@ -372,21 +372,21 @@ def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type
     results["eval_report"] = best.get("report")
     run.save(results)
     if accelerator.is_main_process:
-        shutil.rmtree(output_dir / "best_model")
+        shutil.rmtree(folder.best_model)
         pictures = ()
         if problem_type == SINGLE:
             plot_confusion_matrix(logits_to_predictions(validation_logits, problem_type), validation_labels.numpy(),
-                                  names, output_dir / "confusion_matrix.png")
-            pictures = ("confusion_matrix.png",)
+                                  names, folder.confusion_matrix)
+            pictures = (folder.confusion_matrix,)
         predicted_split, logits = ("test", test[0]) if test is not None else ("validation", validation_logits)
-        write_predictions(output_dir / "predictions.csv", splits[predicted_split], settings, logits, problem_type,
+        write_predictions(folder.predictions, splits[predicted_split], settings, logits, problem_type,
                           names)
         example = splits["validation"][settings.data.text_column][0]  # the user's own kind of text
         write_classification_card(settings, model, results, problem_type, names, metric, pictures, example)
         summary = {key: value for key, value in results.items() if isinstance(value, (int, float))}
-        print(f"Saved the best model (epoch {best['epoch']}) to {output_dir}: "
+        print(f"Saved the best model (epoch {best['epoch']}) to {folder.path}: "
               + ", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
-        push_after_training(settings.hub, output_dir)
+        push_after_training(settings.hub, folder.path)
     accelerator.wait_for_everyone()
     return results
 

@@ -21,10 +21,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from .cli import ArgumentParser, quiet_loading
 from . import AUTO_CLASSES, MiniGPTConfig
-from .training.checkpoint import save_model_folder
-
-# Besides the model and tokenizer: the card, its pictures, and the run's results.
-EXTRAS = ("README.md", "*.png", "all_results.json", "log_history.jsonl", "predictions.csv")
+from .folders import RunFolder, save_model_folder
 
 
 class PushError(ValueError):
@@ -47,9 +44,9 @@ def load_pushable_model(folder: Path):
 
 
 def check_card(folder: Path) -> ModelCard:
-    if not (folder / "README.md").exists():
+    if not RunFolder(folder).card.exists():
         raise PushError(f"{folder} has no model card (README.md): the training scripts write one.")
-    card = ModelCard.load(folder / "README.md")
+    card = ModelCard.load(RunFolder(folder).card)
     if not card.data.eval_results:
         raise PushError(f"The model card in {folder} reports no evaluation results (no `model-index`): not pushed.")
     return card
@@ -70,7 +67,7 @@ def assemble(folder, staging) -> list[Path]:
         raise PushError(f"The tokenizer in {folder} does not load: {error}") from error
     # safetensors, config with auto_map, source files, generation config, tokenizer
     save_model_folder(staging, model, tokenizer, existing="replace")
-    for pattern in EXTRAS:
+    for pattern in RunFolder.PUBLISHED:
         for file in folder.glob(pattern):
             shutil.copy2(file, staging / file.name)
     return sorted(path for path in staging.rglob("*") if path.is_file())

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from hf_minigpt.convert import gpt2_tokenizer
+from hf_minigpt.export import gpt2_tokenizer
 
 TEXT = "Hello world, this is MiniGPT in llama.cpp's format."
 
@@ -120,7 +120,7 @@ def test_onnx_export_runs_in_onnxruntime_with_a_kv_cache(tmp_path, tokenizer):
     np.testing.assert_allclose(decoded[0], expected.numpy(), atol=1e-4, rtol=0)
 
     # Greedy decoding through onnxruntime, each step fed the cache of the last: the tokens generate() picks.
-    from hf_minigpt.onnx_export import greedy_decode
+    from hf_minigpt.export.onnx import greedy_decode
 
     start = torch.tensor([[5, 6, 7], [8, 9, 10]])
     generated = minigpt.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=6, do_sample=False,

@@ -19,7 +19,8 @@ import launches
 from conftest import WORDS, tiny_config
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from hf_minigpt.finetune import MULTI, REGRESSION, SINGLE, compute_metrics, main
-from hf_minigpt.training.report import LOG_FILE, read_log
+from hf_minigpt.folders import RunFolder
+from hf_minigpt.training.report import read_log
 
 PLAIN = [word for word in WORDS if word not in ("red", "blue")]
 
@@ -157,7 +158,7 @@ def test_resumed_run_equals_the_uninterrupted_one(single_label, base, data, tmp_
     # a log that went on past the checkpoint (the resumed run drops what came after it).
     shutil.copytree(single_label / "step_15", output_dir / "step_15")
     shutil.copytree(single_label / "step_10", output_dir / "best_model")
-    shutil.copy(single_label / LOG_FILE, output_dir / LOG_FILE)
+    shutil.copy(RunFolder(single_label).log, RunFolder(output_dir).log)
     finetune(base, *SINGLE_RUN, "--train_file", data["train"], "--validation_file", data["validation"],
              "--test_file", data["test"], "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest")
     assert history(output_dir) == history(single_label)

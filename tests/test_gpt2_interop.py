@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from hf_minigpt.convert import CheckpointError, convert, fused_qkv, gpt2_tokenizer
+from hf_minigpt.export import CheckpointError, convert, fused_qkv, gpt2_tokenizer
 from hf_minigpt.modeling_minigpt import CACHE_FIELD
 
 GPT2_VARIANTS = {

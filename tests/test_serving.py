@@ -16,7 +16,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_minigpt import MiniGPTForCausalLM
-from hf_minigpt.convert import convert
+from hf_minigpt.export import convert
 
 import launches
 from conftest import tiny_config

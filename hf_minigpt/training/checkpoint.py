@@ -1,22 +1,14 @@
-"""Every folder that holds a model is written here, whole or not at all: training checkpoints, the final and the
-best model, conversions and exports, the folder assembled for a hub.
-
-A folder is written into a scratch folder beside it, then renamed into place; a run killed half-way leaves only the
-scratch folder, which the next write removes. Several processes can write into one folder (Accelerate's state files
-are per process), so the scratch folder's name is known to all of them.
-"""
+"""Checkpoints: `step_N` folders in the output folder, written whole (`folders.atomic_folder`), that resume a run
+with any number of processes."""
 
 import json
-import os
-import re
 import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
 from torch.distributed.checkpoint.state_dict import (
@@ -25,97 +17,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule
 
+from ..folders import RunFolder, atomic_folder
 from .processes import sharded
 
-STATE_FILE = "training_state.json"
+STATE_FILE = RunFolder.CHECKPOINT_STATE
 WEIGHTS_AND_OPTIMIZER = "model_and_optimizer"  # torch.distributed.checkpoint's folder in a checkpoint
-
-
-def with_default_permissions(folder) -> None:
-    """Give `folder` and its files the modes a plain `mkdir` and `open` would (the umask's), not the private ones of
-    a scratch folder or of transformers' own temporary weights file (0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in Path(folder).rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextmanager
-def atomic_folder(destination, existing: Literal["refuse", "replace", "merge"] = "refuse", accelerator=None):
-    """Yield a scratch folder that becomes `destination` only if the block succeeds. An existing non-empty
-    `destination` is refused, replaced once the new folder is complete, or has the new files moved into it (the
-    config last, so that a folder with a `config.json` always holds a whole model). With an `accelerator`, every
-    process writes into the same scratch folder and the main process moves it into place."""
-    destination = Path(destination)
-    main = accelerator is None or accelerator.is_main_process
-    scratch = destination.with_name(f".{destination.name}.partial")
-    if main:
-        if existing == "refuse" and destination.exists() and any(destination.iterdir()):
-            raise FileExistsError(f"{destination} exists and is not empty; choose a new folder (nothing was written).")
-        shutil.rmtree(scratch, ignore_errors=True)
-        scratch.mkdir(parents=True)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    try:
-        yield scratch
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
-        if main:
-            with_default_permissions(scratch)
-            publish(scratch, destination, merge=existing == "merge")
-    finally:
-        if main:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-
-
-def publish(scratch: Path, destination: Path, merge: bool) -> None:
-    if merge and destination.is_dir():
-        for file in sorted(scratch.iterdir(), key=lambda path: path.name == "config.json"):
-            if (destination / file.name).is_dir():
-                shutil.rmtree(destination / file.name)
-            os.replace(file, destination / file.name)
-        return
-    previous = destination.with_name(f".{destination.name}.previous")
-    if destination.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        destination.rename(previous)
-    scratch.rename(destination)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def save_model(folder, model, tokenizer=None, accelerator=None) -> None:
-    """`save_pretrained` of the model (weights, config with `auto_map` and source, generation config) and of the
-    tokenizer, into a folder being written. With an `accelerator`, the model may be wrapped by DDP, torch.compile,
-    or FSDP2, whose full weights exist only once gathered: every process must call this."""
-    if accelerator is None:
-        model.save_pretrained(folder)
-    else:
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
-            unsharded(accelerator.unwrap_model(model, keep_torch_compile=False)).save_pretrained(
-                folder, state_dict=state_dict)
-    if tokenizer is not None and (accelerator is None or accelerator.is_main_process):
-        tokenizer.save_pretrained(folder)
-
-
-def unsharded(model):
-    """`model` as its own class. FSDP2 makes a sharded `MiniGPTForCausalLM` an `FSDPMiniGPTForCausalLM`, which
-    `save_pretrained` would write into the config's `auto_map`, copying torch's source instead of the model's: an
-    empty shell of the model's class (on the meta device) saves the gathered weights instead."""
-    if not isinstance(model, FSDPModule):
-        return model
-    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
-    with torch.device("meta"):
-        shell = model_class(model.config)
-    if model.can_generate():
-        shell.generation_config = model.generation_config
-    return shell
 
 
 def load_whole_weights(model, weights: dict) -> None:
@@ -123,21 +30,8 @@ def load_whole_weights(model, weights: dict) -> None:
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
 
-def save_model_folder(destination, model, tokenizer=None, *, accelerator=None,
-                      existing: Literal["refuse", "replace", "merge"] = "refuse"):
-    """A model folder, written whole: the one way every script writes a model."""
-    with atomic_folder(destination, existing, accelerator) as scratch:
-        save_model(scratch, model, tokenizer, accelerator)
-    return Path(destination)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training checkpoints: `step_N` folders in the output folder.
-
-
 def list_checkpoints(output_dir) -> list[Path]:
-    found = [path for path in Path(output_dir).glob("step_*") if re.fullmatch(r"step_\d+", path.name)]
-    return sorted((path for path in found if (path / STATE_FILE).exists()), key=lambda path: int(path.name[5:]))
+    return RunFolder(output_dir).checkpoints()
 
 
 def find_checkpoint(output_dir: str, spec: str) -> Path:
@@ -171,7 +65,7 @@ def save_checkpoint(accelerator, output_dir, state: dict, keep: int, prepared, t
     for a sharded model), Accelerate's files for the scheduler, the sampler and every process's RNG, the model's
     config and the tokenizer (a resumed run rebuilds both from them) and `state`; then all but the last `keep`
     checkpoints are dropped. `prepared` holds the prepared model, optimizer, scheduler and loaders."""
-    folder = Path(output_dir, f"step_{state['completed_steps']}")
+    folder = RunFolder(output_dir).checkpoint(state["completed_steps"])
     with atomic_folder(folder, "replace", accelerator) as scratch:
         save_weights_and_optimizer(accelerator, scratch / WEIGHTS_AND_OPTIMIZER, prepared.model, prepared.optimizer)
         save_accelerator_state(str(scratch), [], [], [prepared.scheduler], prepared.loaders,

@@ -29,7 +29,8 @@ from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
 from ..cli import quiet_loading
-from .checkpoint import Prepared, list_checkpoints, load_checkpoint, save_checkpoint, save_model_folder
+from ..folders import RunFolder, save_model_folder
+from .checkpoint import Prepared, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import DataError
 from .processes import LaunchError, Peers, build_accelerator, is_lost_peer
 from .report import Log, plot_losses, write_json
@@ -300,7 +301,7 @@ class TrainingRun:
     def refuse_to_redo_a_finished_run(self, resume: Path) -> None:
         """Resuming a run whose model is already in --output_dir either has nothing to do, or must start from the
         end of it: never retrain from an older checkpoint over the finished model."""
-        results = Path(self.settings.run.output_dir, "all_results.json")
+        results = RunFolder(self.settings.run.output_dir).results
         if not results.exists():
             return
         finished = json.loads(results.read_text()).get("train_steps", 0)
@@ -429,16 +430,16 @@ class TrainingRun:
             self.checkpoint()  # so that a later, longer run continues from the end rather than from before it
 
     def last_checkpoint_is(self, step: int) -> bool:
-        return self.last_checkpoint is not None and self.last_checkpoint.name == f"step_{step}"
+        return self.last_checkpoint is not None and RunFolder.step_of(self.last_checkpoint) == step
 
     def save(self, results: dict) -> None:
         """The trained model and tokenizer into --output_dir, with `results` (all_results.json) and the loss curve;
         every process takes part."""
-        output_dir = Path(self.settings.run.output_dir)
-        save_model_folder(output_dir, self.model, self.tokenizer, accelerator=self.accelerator, existing="merge")
+        folder = RunFolder(self.settings.run.output_dir)
+        save_model_folder(folder.path, self.model, self.tokenizer, accelerator=self.accelerator, existing="merge")
         if self.accelerator.is_main_process:
-            write_json(output_dir / "all_results.json", results)
-            plot_losses(self.log_file.entries(), output_dir / "loss.png")
+            write_json(folder.results, results)
+            plot_losses(self.log_file.entries(), folder.loss_curve)
 
     def summary(self) -> dict:
         """The `train_*` entries of all_results.json."""

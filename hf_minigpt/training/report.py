@@ -12,7 +12,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-LOG_FILE = "log_history.jsonl"
+from ..folders import RunFolder, atomic_file
+
 TEMPLATE = "minigpt_card.md"
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size")
 
@@ -62,11 +63,11 @@ def write_model_card(
     license: str = "apache-2.0",
     language: str = "en",
     samples: dict[str, str] | None = None,
-    pictures: tuple[str, ...] = (),
+    pictures: tuple[Path, ...] = (),
 ) -> ModelCard:
     """Write `README.md` into `folder`. `metrics` (name -> value) become the card's `model-index`."""
-    folder = Path(folder)
-    model_name = repo_id or folder.resolve().name
+    run_folder = RunFolder(folder)
+    model_name = repo_id or run_folder.path.resolve().name
     if base_model is not None and Path(base_model).exists():
         base_model = None  # the metadata names Hub repositories only; the text still names the local folder
     card_data = ModelCardData(
@@ -90,7 +91,7 @@ def write_model_card(
         card_data,
         template_path=template_path(),
         model_name=model_name,
-        repo_id=repo_id or str(folder),
+        repo_id=repo_id or str(run_folder.path),
         summary=summary,
         architecture={key: getattr(config, key) for key in ARCHITECTURE},
         n_parameters=model.num_parameters(),
@@ -100,11 +101,11 @@ def write_model_card(
         procedure=procedure,
         hyperparameters=hyperparameters,
         results={name: f"{value:.4g}" if isinstance(value, float) else value for name, value in results.items()},
-        loss_curve="loss.png" if (folder / "loss.png").exists() else None,
-        pictures=[picture for picture in pictures if (folder / picture).exists()],
+        loss_curve=run_folder.loss_curve.name if run_folder.loss_curve.exists() else None,
+        pictures=[picture.name for picture in pictures if picture.exists()],
         samples=samples,
     )
-    card.save(folder / "README.md")
+    card.save(run_folder.card)
     return card
 
 
@@ -113,11 +114,11 @@ def write_model_card(
 
 
 class Log:
-    """The run's log in `LOG_FILE`: one json line per entry, appended as it is made, so that checkpoints need not
+    """The run's log (`RunFolder.log`): one json line per entry, appended as it is made, so that checkpoints need not
     carry it. A resumed run first drops the entries made after its checkpoint."""
 
     def __init__(self, output_dir, write: bool, resumed_at: int | None):
-        self.path, self.write = Path(output_dir, LOG_FILE), write
+        self.path, self.write = RunFolder(output_dir).log, write
         if write:
             kept = [entry for entry in self.entries() if entry["step"] <= resumed_at] if resumed_at is not None else []
             self.path.write_text("".join(json.dumps(entry) + "\n" for entry in kept))
@@ -132,11 +133,12 @@ class Log:
 
 
 def read_log(output_dir) -> list[dict]:
-    return [json.loads(line) for line in Path(output_dir, LOG_FILE).read_text().splitlines()]
+    return [json.loads(line) for line in RunFolder(output_dir).log.read_text().splitlines()]
 
 
 def write_json(path, data) -> None:
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    with atomic_file(path) as scratch:
+        scratch.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def pyplot():

@@ -15,6 +15,7 @@ from typing import Literal
 from transformers import HfArgumentParser, SchedulerType
 
 from ..cli import OneLineErrors
+from ..folders import RunFolder
 from .checkpoint import find_checkpoint, list_checkpoints
 
 
@@ -48,7 +49,7 @@ class RunSettings:
         if self.checkpointing_steps not in (None, "epoch") and not (
                 self.checkpointing_steps.isdigit() and int(self.checkpointing_steps) > 0):
             found.append(f"--checkpointing_steps takes a number of steps or 'epoch', not {self.checkpointing_steps!r}")
-        if not self.resume_from_checkpoint and not self.overwrite_output_dir and holds_a_run(self.output_dir):
+        if not (self.resume_from_checkpoint or self.overwrite_output_dir) and RunFolder(self.output_dir).holds_a_run():
             # Only advice that works: resuming needs a checkpoint.
             resume = "Continue it with --resume_from_checkpoint latest, s" if list_checkpoints(self.output_dir) else (
                 "It has no checkpoint to continue from: s")
@@ -141,11 +142,6 @@ class HubSettings:
 def at_least_one(settings, *names: str) -> list[str]:
     return [f"--{name} must be at least 1, got {getattr(settings, name)}" for name in names
             if getattr(settings, name) is not None and getattr(settings, name) < 1]
-
-
-def holds_a_run(output_dir: str) -> bool:
-    folder = Path(output_dir)
-    return (folder / "config.json").exists() or any(folder.glob("step_*"))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -4,13 +4,14 @@ tokenizer in the metadata. Written with `gguf`, the llama.cpp project's Python p
 """
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .convert import fused_qkv
-from .modeling_minigpt import MiniGPTForCausalLM
+from ..folders import atomic_file
+from ..modeling_minigpt import MiniGPTForCausalLM
+from .checkpoints import fused_qkv
+from .registry import register
 
 # MiniGPT parameter -> GGUF tensor, as llama.cpp names GPT-2's.
 BLOCK_TENSORS = {
@@ -31,6 +32,7 @@ def gguf_name(name: str) -> str:
     return f"blk.{block}.{BLOCK_TENSORS[layer]}.{kind}"
 
 
+@register("minigpt", "gguf", options=("dtype",))
 def write_gguf(source, destination, dtype: str = "f16") -> Path:
     """A MiniGPT causal-LM folder -> one GGUF file. Matrices are stored in `dtype` (f32, f16 or q8_0); norms, biases
     and position embeddings stay f32, as llama.cpp's converter keeps them."""
@@ -39,19 +41,10 @@ def write_gguf(source, destination, dtype: str = "f16") -> Path:
     gguf_package()  # before any work: it is an optional dependency, only this export needs it
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}.")
-    destination = Path(destination)
-    if destination.exists():
-        raise FileExistsError(f"{destination} exists; choose a new file name (nothing was written).")
-    model = MiniGPTForCausalLM.from_pretrained(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-
-    partial = Path(f"{destination}.partial")
-    try:
-        write_file(partial, model, tokenizer, dtype, name=Path(source).name)
-        os.replace(partial, destination)  # the file appears only once complete
-    finally:
-        partial.unlink(missing_ok=True)  # nothing is left behind but a complete file
-    return destination
+    with atomic_file(destination, replace=False) as scratch:
+        model = MiniGPTForCausalLM.from_pretrained(source)
+        write_file(scratch, model, AutoTokenizer.from_pretrained(source), dtype, name=Path(source).name)
+    return Path(destination)
 
 
 def gguf_package():

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from .convert import copy_tokenizer_files
-from .training.checkpoint import atomic_folder
-from .modeling_minigpt import MiniGPTForCausalLM
+from ..folders import atomic_folder
+from ..modeling_minigpt import MiniGPTForCausalLM
+from .checkpoints import copy_tokenizer_files
+from .registry import register
 
 
 class WithFlatCache(torch.nn.Module):
@@ -35,6 +36,7 @@ def cache_names(prefix: str, n_layer: int) -> list[str]:
     return [f"{prefix}.{layer}.{kind}" for layer in range(n_layer) for kind in ("key", "value")]
 
 
+@register("minigpt", "onnx")
 def write_onnx(source, destination) -> Path:
     """A MiniGPT causal-LM folder -> `destination/model.onnx`, with the config and tokenizer beside it."""
     model = MiniGPTForCausalLM.from_pretrained(source).eval()

@@ -1,0 +1,193 @@
+"""Folders and files on disk: every one is written whole or not at all, and a run's output folder names its files.
+
+A folder (a model, a checkpoint, an export, what a hub receives) is written into a scratch folder beside it, then
+renamed into place; a file likewise. A process killed half-way leaves only the scratch, which the next write
+removes. Several processes can write into one folder (Accelerate's state files are per process), so the scratch
+folder's name is known to all of them.
+"""
+
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+CONFIG = "config.json"  # transformers' name; a folder that has it holds a whole model
+
+
+class RunFolder:
+    """What a training run writes into its --output_dir, by name. Beside the model and tokenizer (transformers' own
+    files): checkpoints, the best model, the log, results, loss curve, card, predictions and the settings."""
+
+    CHECKPOINT = re.compile(r"step_(\d+)")
+    CHECKPOINT_STATE = "training_state.json"  # in each checkpoint; a folder without it is not one
+    # What a hub receives besides the model and tokenizer.
+    PUBLISHED = ("README.md", "*.png", "all_results.json", "log_history.jsonl", "predictions.csv")
+
+    def __init__(self, output_dir):
+        self.path = Path(output_dir)
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / f"step_{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """The complete checkpoints, oldest first."""
+        found = {int(match[1]): path for path in self.path.glob("step_*")
+                 if (match := self.CHECKPOINT.fullmatch(path.name)) and (path / self.CHECKPOINT_STATE).exists()}
+        return [found[step] for step in sorted(found)]
+
+    def holds_a_run(self) -> bool:
+        return (self.path / CONFIG).exists() or any(self.path.glob("step_*"))
+
+    @staticmethod
+    def step_of(checkpoint: Path) -> int | None:
+        match = RunFolder.CHECKPOINT.fullmatch(Path(checkpoint).name)
+        return int(match[1]) if match else None
+
+    @property
+    def best_model(self) -> Path:
+        return self.path / "best_model"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "log_history.jsonl"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "all_results.json"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def card(self) -> Path:
+        return self.path / "README.md"
+
+    @property
+    def predictions(self) -> Path:
+        return self.path / "predictions.csv"
+
+    @property
+    def confusion_matrix(self) -> Path:
+        return self.path / "confusion_matrix.png"
+
+    @property
+    def settings(self) -> Path:
+        return self.path / "settings.json"
+
+
+def with_default_permissions(path) -> None:
+    """Give `path` (and what a folder holds) the modes a plain `mkdir` and `open` would (the umask's), not the
+    private ones of a scratch folder or of transformers' own temporary weights file (0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in (Path(path), *(Path(path).rglob("*") if Path(path).is_dir() else ())):
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_file(destination, replace: bool = True):
+    """Yield a scratch path that becomes `destination` only if the block succeeds. Without `replace`, an existing
+    `destination` is refused before anything is written."""
+    destination = Path(destination)
+    if not replace and destination.exists():
+        raise FileExistsError(f"{destination} exists; choose a new file name (nothing was written).")
+    scratch = destination.with_name(f".{destination.name}.partial")
+    try:
+        yield scratch
+        with_default_permissions(scratch)
+        os.replace(scratch, destination)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(destination, existing: Literal["refuse", "replace", "merge"] = "refuse", accelerator=None):
+    """Yield a scratch folder that becomes `destination` only if the block succeeds. An existing non-empty
+    `destination` is refused, replaced once the new folder is complete, or has the new files moved into it (the
+    config last, so that a folder with a `config.json` always holds a whole model). With an `accelerator`, every
+    process writes into the same scratch folder and the main process moves it into place."""
+    destination = Path(destination)
+    main = accelerator is None or accelerator.is_main_process
+    scratch = destination.with_name(f".{destination.name}.partial")
+    if main:
+        if existing == "refuse" and destination.exists() and any(destination.iterdir()):
+            raise FileExistsError(f"{destination} exists and is not empty; choose a new folder (nothing was written).")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    try:
+        yield scratch
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        if main:
+            with_default_permissions(scratch)
+            publish(scratch, destination, merge=existing == "merge")
+    finally:
+        if main:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+
+
+def publish(scratch: Path, destination: Path, merge: bool) -> None:
+    if merge and destination.is_dir():
+        for file in sorted(scratch.iterdir(), key=lambda path: path.name == CONFIG):
+            if (destination / file.name).is_dir():
+                shutil.rmtree(destination / file.name)
+            os.replace(file, destination / file.name)
+        return
+    previous = destination.with_name(f".{destination.name}.previous")
+    if destination.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        destination.rename(previous)
+    scratch.rename(destination)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model folders
+
+
+def save_model(folder, model, tokenizer=None, accelerator=None) -> None:
+    """`save_pretrained` of the model (weights, config with `auto_map` and source, generation config) and of the
+    tokenizer, into a folder being written. With an `accelerator`, the model may be wrapped by DDP, torch.compile,
+    or FSDP2, whose full weights exist only once gathered: every process must call this."""
+    if accelerator is None:
+        model.save_pretrained(folder)
+    else:
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
+            unsharded(accelerator.unwrap_model(model, keep_torch_compile=False)).save_pretrained(
+                folder, state_dict=state_dict)
+    if tokenizer is not None and (accelerator is None or accelerator.is_main_process):
+        tokenizer.save_pretrained(folder)
+
+
+def unsharded(model):
+    """`model` as its own class. FSDP2 makes a sharded `MiniGPTForCausalLM` an `FSDPMiniGPTForCausalLM`, which
+    `save_pretrained` would write into the config's `auto_map`, copying torch's source instead of the model's: an
+    empty shell of the model's class (on the meta device) saves the gathered weights instead."""
+    if not isinstance(model, FSDPModule):
+        return model
+    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        shell = model_class(model.config)
+    if model.can_generate():
+        shell.generation_config = model.generation_config
+    return shell
+
+
+def save_model_folder(destination, model, tokenizer=None, *, accelerator=None,
+                      existing: Literal["refuse", "replace", "merge"] = "refuse"):
+    """A model folder, written whole: the one way every command writes a model."""
+    with atomic_folder(destination, existing, accelerator) as scratch:
+        save_model(scratch, model, tokenizer, accelerator)
+    return Path(destination)
