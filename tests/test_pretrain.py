@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_minigpt.folders import RunFolder
 from hf_minigpt.pretrain import main, parse_args
 from hf_minigpt.training.checkpoint import WEIGHTS_AND_OPTIMIZER, list_checkpoints
 from hf_minigpt.training.loop import Stopped
@@ -314,6 +315,21 @@ def test_interrupted_and_resumed_run_repeats_the_same_losses(uninterrupted, tmp_
     assert losses(output_dir) == losses(reference)  # exactly, step for step
     history, reference_history = read_log(output_dir), read_log(reference)
     assert [e for e in history if "eval_loss" in e] == [e for e in reference_history if "eval_loss" in e]
+
+
+def test_a_saved_run_runs_again_from_its_settings(uninterrupted, tmp_path, capsys):
+    reference, _ = uninterrupted
+    saved = RunFolder(reference).settings
+    settings = json.loads(saved.read_text())
+    assert settings["max_train_steps"] == 120 and settings["dropout"] == 0.1 and "hub_token" not in settings
+    rerun = tmp_path / "rerun"
+    launches.run([sys.executable, "-m", "hf_minigpt.pretrain", "--config", str(saved), "--output_dir", str(rerun)],
+                 {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert losses(rerun) == losses(reference)  # exactly, step for step
+
+    (tmp_path / "other.json").write_text(json.dumps({**settings, "label_column": "label"}))
+    assert "holds settings minigpt-pretrain does not take: label_column" in refused(
+        ["--config", str(tmp_path / "other.json")], capsys)
 
 
 def test_resuming_a_finished_run_changes_nothing_unless_asked_to_train_further(tmp_path):

@@ -34,7 +34,7 @@ from .checkpoint import Prepared, list_checkpoints, load_checkpoint, save_checkp
 from .data import DataError
 from .processes import LaunchError, Peers, build_accelerator, is_lost_peer
 from .report import Log, plot_losses, write_json
-from .settings import flags
+from .settings import flags, save_settings
 
 
 class DivergedError(RuntimeError):
@@ -261,6 +261,8 @@ class TrainingRun:
         geometry = {**geometry, "seed": settings.run.seed, "global_batch": math.prod(self.layout.values())}
         self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "loss_sum": 0.0,
                       "geometry": geometry, "layout": self.layout, "extra": {}}
+        if accelerator.is_main_process:
+            save_settings(settings)  # as resolved by the script, e.g. a learning rate chosen for the model's size
         self.last_checkpoint = resume = settings.run.checkpoint_to_resume
         if resume is not None:
             self.resume_from(resume)

@@ -3,11 +3,15 @@
 Each group of flags is a dataclass whose fields carry their help text; `parse` turns the command line into them
 with transformers' `HfArgumentParser`, then checks them all at once, so that a run with three mistakes says all
 three, in one line, before anything is loaded. A flag means the same thing in every script.
+
+Every run saves its resolved settings (`RunFolder.settings`, by flag name); `--config FILE` starts from such a file,
+and the flags given beside it override it.
 """
 
 import argparse
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -15,7 +19,7 @@ from typing import Literal
 from transformers import HfArgumentParser, SchedulerType
 
 from ..cli import OneLineErrors
-from ..folders import RunFolder
+from ..folders import RunFolder, atomic_file
 from .checkpoint import find_checkpoint, list_checkpoints
 
 
@@ -159,8 +163,11 @@ def parse(settings_class, prog: str, description: str, argv=None, defaults: dict
     is reported at once through `parser.error`: one line, exit status 2."""
     groups = {group.name: group.type for group in dataclasses.fields(settings_class)}
     parser = SettingsParser(list(groups.values()), prog=prog, description=description, formatter_class=HelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="Start from the settings a run saved (its settings.json); "
+                        "the flags given beside it override them.")
     parser.set_defaults(**(defaults or {}))
-    parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)
+    start_from_saved_settings(parser, argv)
+    parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[:len(groups)]
     settings = settings_class(**dict(zip(groups, parsed)))
     problems = [problem for group in parsed if hasattr(group, "problems") for problem in group.problems()]
     problems += check(settings) if check else []
@@ -169,10 +176,42 @@ def parse(settings_class, prog: str, description: str, argv=None, defaults: dict
     return settings
 
 
+def start_from_saved_settings(parser: argparse.ArgumentParser, argv) -> None:
+    """The settings in --config's file become the parser's defaults (required flags included), so that the flags on
+    the command line override them."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config")
+    path = config.parse_known_args(argv)[0].config
+    if path is None:
+        return
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"--config {path}: not a settings file ({error})")
+    unknown = sorted(saved.keys() - {action.dest for action in parser._actions})
+    if unknown:
+        parser.error(f"--config {path} holds settings {parser.prog} does not take: {', '.join(unknown)}")
+    parser.set_defaults(**saved)
+    for action in parser._actions:
+        if action.dest in saved:
+            action.required = False
+
+
 def flags(settings) -> dict:
     """Every setting by flag name, for trackers and reports."""
     return {name: value for group in dataclasses.fields(settings)
             for name, value in dataclasses.asdict(getattr(settings, group.name)).items()}
+
+
+NOT_SAVED = ("hub_token", "resume_from_checkpoint")
+
+
+def save_settings(settings) -> None:
+    """The run's resolved settings into its output folder, by flag name: what `--config` reads. Not the hub token (a
+    secret), nor the checkpoint a resumed run started from (it is the same run)."""
+    saved = {name: value for name, value in flags(settings).items() if name not in NOT_SAVED}
+    with atomic_file(RunFolder(settings.run.output_dir).settings) as scratch:
+        scratch.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def model_source_problem(name: str | None, flag: str) -> str | None:
