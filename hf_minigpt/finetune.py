@@ -293,7 +293,7 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
         accelerator, settings, model, tokenizer, train_loader(encoded["train"], batch_size, collate), eval_loader,
         geometry={"max_length": task.max_length}, unit="samples", items_per_batch=batch_size, name="minigpt-finetune",
     )
-    extra = run.state["extra"]
+    extra = run.state.extra
     extra.setdefault("best", None)
     extra.setdefault("epochs_without_improvement", 0)
     accelerator.print(
@@ -352,7 +352,7 @@ def load_classifier(source: str, resume, problem_type, label2id, tokenizer, say)
 def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type, names, metric, splits) -> dict:
     """The best model into --output_dir, with its metrics, test predictions, pictures and card."""
     accelerator, folder = run.accelerator, RunFolder(settings.run.output_dir)
-    best = run.state["extra"]["best"]
+    best = run.state.extra["best"]
     model = accelerator.unwrap_model(run.model, keep_torch_compile=False)
     best_weights = MiniGPTForSequenceClassification.from_pretrained(folder.best_model)
     load_whole_weights(model, best_weights.state_dict())

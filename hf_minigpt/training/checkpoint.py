@@ -1,11 +1,13 @@
 """Checkpoints: `step_N` folders in the output folder, written whole (`folders.atomic_folder`), that resume a run
 with any number of processes."""
 
+import dataclasses
 import json
+import math
 import shutil
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,41 @@ def find_checkpoint(output_dir: str, spec: str) -> Path:
 
 
 @dataclass
+class Layout:
+    """How the global batch is split; a resumed run may split it otherwise."""
+
+    num_processes: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return math.prod(dataclasses.astuple(self))
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands, beside the prepared objects' own state: what a checkpoint's `training_state.json` holds,
+    this dataclass being its schema. The log itself is a file in the output folder (`report.Log`)."""
+
+    geometry: dict  # what a resumed run must not change: the block size (or max length), the seed, the global batch
+    layout: Layout
+    completed_steps: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches this process has read in the current epoch
+    loss_sum: float = 0.0  # of the logged losses, for the mean training loss
+    extra: dict = field(default_factory=dict)  # the script's own, e.g. fine-tuning's best epoch so far
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainingState":
+        saved = json.loads(text)
+        return cls(**{**saved, "layout": Layout(**saved["layout"])})
+
+
+@dataclass
 class Prepared:
     """What `accelerator.prepare` returned, and a checkpoint saves and restores."""
 
@@ -60,12 +97,12 @@ class Prepared:
     loaders: list
 
 
-def save_checkpoint(accelerator, output_dir, state: dict, keep: int, prepared, tokenizer) -> Path:
+def save_checkpoint(accelerator, output_dir, state: TrainingState, keep: int, prepared, tokenizer) -> Path:
     """`step_N`: the weights and optimizer state in `torch.distributed.checkpoint`'s format (one file per process
     for a sharded model), Accelerate's files for the scheduler, the sampler and every process's RNG, the model's
     config and the tokenizer (a resumed run rebuilds both from them) and `state`; then all but the last `keep`
     checkpoints are dropped. `prepared` holds the prepared model, optimizer, scheduler and loaders."""
-    folder = RunFolder(output_dir).checkpoint(state["completed_steps"])
+    folder = RunFolder(output_dir).checkpoint(state.completed_steps)
     with atomic_folder(folder, "replace", accelerator) as scratch:
         save_weights_and_optimizer(accelerator, scratch / WEIGHTS_AND_OPTIMIZER, prepared.model, prepared.optimizer)
         save_accelerator_state(str(scratch), [], [], [prepared.scheduler], prepared.loaders,
@@ -73,21 +110,21 @@ def save_checkpoint(accelerator, output_dir, state: dict, keep: int, prepared, t
         if accelerator.is_main_process:
             accelerator.unwrap_model(prepared.model).config.save_pretrained(scratch)
             tokenizer.save_pretrained(scratch)
-            (scratch / STATE_FILE).write_text(json.dumps(state, indent=2))
+            (scratch / STATE_FILE).write_text(state.to_json())
     if accelerator.is_main_process:
         for old in list_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old)
     return folder
 
 
-def load_checkpoint(accelerator, checkpoint: Path, prepared) -> dict:
+def load_checkpoint(accelerator, checkpoint: Path, prepared) -> TrainingState:
     """The prepared objects' state from `checkpoint`, whatever number of processes wrote it (a sharded checkpoint
     is resharded as it is read), and the checkpoint's `state`. A process with no RNG file of its own (the checkpoint
     had fewer processes) keeps its seeded RNG."""
     load_weights_and_optimizer(accelerator, checkpoint / WEIGHTS_AND_OPTIMIZER, prepared.model, prepared.optimizer)
     load_accelerator_state(str(checkpoint), [], [], [prepared.scheduler], prepared.loaders,
                            accelerator.process_index, accelerator.scaler)
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    return TrainingState.from_json((checkpoint / STATE_FILE).read_text())
 
 
 def model_and_optimizer_state(accelerator, model, optimizer) -> dict:

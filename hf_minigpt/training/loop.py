@@ -30,7 +30,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from ..cli import quiet_loading
 from ..folders import RunFolder, save_model_folder
-from .checkpoint import Prepared, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import Layout, Prepared, TrainingState, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import DataError
 from .processes import LaunchError, Peers, build_accelerator, is_lost_peer
 from .report import Log, plot_losses, write_json
@@ -239,10 +239,7 @@ def sized(loader) -> bool:
 
 
 class TrainingRun:
-    """One run of optimizer steps over prepared objects. `state` is what a checkpoint holds beside the prepared
-    objects: the step, the data position, the sum of the logged losses, the script's extras, the batch geometry,
-    which a resumed run must not change, and the process layout, which it may. The log itself is a file in the output
-    folder (`report.Log`)."""
+    """One run of optimizer steps over prepared objects; `state` (a `TrainingState`) is where it stands."""
 
     def __init__(self, accelerator, settings, model, tokenizer, train_loader, eval_loader, *, geometry: dict,
                  unit: str, items_per_batch: int, name: str):
@@ -255,12 +252,10 @@ class TrainingRun:
             model, optimizer, train_loader, eval_loader, scheduler
         )
         # A checkpoint resumes with any number of processes that keeps the global batch; its layout is converted.
-        self.layout = {"num_processes": processes,
-                       "per_device_train_batch_size": optimization.per_device_train_batch_size,
-                       "gradient_accumulation_steps": optimization.gradient_accumulation_steps}
-        geometry = {**geometry, "seed": settings.run.seed, "global_batch": math.prod(self.layout.values())}
-        self.state = {"completed_steps": 0, "epoch": 0, "batches_in_epoch": 0, "loss_sum": 0.0,
-                      "geometry": geometry, "layout": self.layout, "extra": {}}
+        self.layout = Layout(processes, optimization.per_device_train_batch_size,
+                             optimization.gradient_accumulation_steps)
+        geometry = {**geometry, "seed": settings.run.seed, "global_batch": self.layout.global_batch}
+        self.state = TrainingState(geometry, self.layout)
         if accelerator.is_main_process:
             save_settings(settings)  # as resolved by the script, e.g. a learning rate chosen for the model's size
         self.last_checkpoint = resume = settings.run.checkpoint_to_resume
@@ -280,11 +275,11 @@ class TrainingRun:
     def resume_from(self, checkpoint: Path) -> None:
         """The prepared objects' state and `state` from `checkpoint`, if it was trained with the same geometry (any
         process layout with the same global batch)."""
-        geometry = self.state["geometry"]
+        geometry = self.state.geometry
         self.state = load_checkpoint(self.accelerator, checkpoint, self.prepared)
-        if self.state["geometry"] != geometry:
-            changed = [key for key in geometry if self.state["geometry"].get(key) != geometry[key]]
-            raise DataError(f"{checkpoint} was trained with other {changed}: {self.state['geometry']}. "
+        if self.state.geometry != geometry:
+            changed = [key for key in geometry if self.state.geometry.get(key) != geometry[key]]
+            raise DataError(f"{checkpoint} was trained with other {changed}: {self.state.geometry}. "
                             "Resume with those.")
         self.continue_in_this_layout()
         self.refuse_to_redo_a_finished_run(checkpoint)
@@ -293,12 +288,12 @@ class TrainingRun:
     def continue_in_this_layout(self) -> None:
         """Convert the counters that depend on how the global batch is split: the micro-batches each process has
         read in this epoch, Accelerate's micro-step count, and the scheduler, which steps once per process."""
-        saved, layout = self.state["layout"], self.layout
-        steps_in_epoch = self.state["batches_in_epoch"] // saved["gradient_accumulation_steps"]
-        self.state["batches_in_epoch"] = steps_in_epoch * layout["gradient_accumulation_steps"]
-        self.state["layout"] = layout
-        self.accelerator.step = self.step * layout["gradient_accumulation_steps"]
-        self.scheduler.scheduler.last_epoch = self.step * layout["num_processes"]
+        saved, layout = self.state.layout, self.layout
+        steps_in_epoch = self.state.batches_in_epoch // saved.gradient_accumulation_steps
+        self.state.batches_in_epoch = steps_in_epoch * layout.gradient_accumulation_steps
+        self.state.layout = layout
+        self.accelerator.step = self.step * layout.gradient_accumulation_steps
+        self.scheduler.scheduler.last_epoch = self.step * layout.num_processes
 
     def refuse_to_redo_a_finished_run(self, resume: Path) -> None:
         """Resuming a run whose model is already in --output_dir either has nothing to do, or must start from the
@@ -312,16 +307,16 @@ class TrainingRun:
                 f"{self.settings.run.output_dir} already holds the finished run ({finished} steps); nothing changed. "
                 f"Pass a --max_train_steps above {finished} to train it further."
             )
-        if self.state["completed_steps"] < finished:
+        if self.state.completed_steps < finished:
             raise DataError(
-                f"{resume} (step {self.state['completed_steps']}) is older than the finished model in "
+                f"{resume} (step {self.state.completed_steps}) is older than the finished model in "
                 f"{self.settings.run.output_dir} ({finished} steps): resuming from it would retrain over that model. "
                 "Start a new --output_dir from it with --model_name_or_path instead."
             )
 
     @property
     def step(self) -> int:
-        return self.state["completed_steps"]
+        return self.state.completed_steps
 
     def log(self, entry: dict, prefix: str) -> None:
         self.last_entry = {"step": self.step, **entry}
@@ -349,15 +344,15 @@ class TrainingRun:
         line_every = max(1, plan.max_steps // 20)
         started = time.perf_counter()
         with StopRequest() as stop:
-            for epoch in range(state["epoch"], plan.epochs):
+            for epoch in range(state.epoch, plan.epochs):
                 if self.step >= plan.max_steps:
                     break
-                state["epoch"] = epoch
+                state.epoch = epoch
                 self.train_loader.set_epoch(epoch)
                 model.train()
                 loader = self.train_loader
-                if state["batches_in_epoch"]:
-                    loader = accelerator.skip_first_batches(self.train_loader, state["batches_in_epoch"])
+                if state.batches_in_epoch:
+                    loader = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
                 micro_losses, exhausted = [], True
                 for batch in loader:
                     with accelerator.accumulate(model):
@@ -369,13 +364,13 @@ class TrainingRun:
                         self.scheduler.step()
                         self.optimizer.zero_grad()
                     micro_losses.append(loss.detach())
-                    state["batches_in_epoch"] += 1
+                    state.batches_in_epoch += 1
                     if not accelerator.sync_gradients:
                         continue
 
                     loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
                     micro_losses = []
-                    state["completed_steps"] += 1
+                    state.completed_steps += 1
                     self.steps_this_run += 1
                     self.seconds = time.perf_counter() - started
                     if not math.isfinite(loss):
@@ -386,7 +381,7 @@ class TrainingRun:
                             f"The training loss is {loss} at step {self.step}; stopping ({where}, left untouched). "
                             "Lower --learning_rate, raise --num_warmup_steps, or use --mixed_precision bf16 over fp16."
                         )
-                    state["loss_sum"] += loss
+                    state.loss_sum += loss
                     learning_rate = self.scheduler.get_last_lr()[0]
                     self.log({"epoch": round(self.step / plan.steps_per_epoch, 4), "loss": loss,
                               "learning_rate": learning_rate}, "train")
@@ -419,9 +414,9 @@ class TrainingRun:
                 # An epoch cut short by the last step still ends with `after_epoch` (evaluation), but stays the
                 # current epoch, so that a longer run resumes inside it.
                 epoch_finished = exhausted or (
-                    sized(self.train_loader) and state["batches_in_epoch"] >= len(self.train_loader))
+                    sized(self.train_loader) and state.batches_in_epoch >= len(self.train_loader))
                 if epoch_finished:
-                    state["epoch"], state["batches_in_epoch"] = epoch + 1, 0
+                    state.epoch, state.batches_in_epoch = epoch + 1, 0
                 stop_early = after_epoch is not None and after_epoch(epoch, progress.write)
                 if run.checkpointing_steps == "epoch":
                     self.checkpoint()
@@ -446,7 +441,7 @@ class TrainingRun:
     def summary(self) -> dict:
         """The `train_*` entries of all_results.json."""
         return {
-            "train_loss": self.state["loss_sum"] / max(self.step, 1),
+            "train_loss": self.state.loss_sum / max(self.step, 1),
             "train_steps": self.step,
             "epoch": round(self.step / self.plan.steps_per_epoch, 4),
             "train_runtime": self.seconds,
