@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import datasets
-import numpy as np
 import torch
 import transformers
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -38,11 +36,8 @@ from .training.settings import (
     parse,
     setting,
 )
+from .tasks import METRICS, SingleLabel, Task
 from .training.tokens import fit_embeddings
-
-SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
-# Metric -> whether larger is better.
-METRICS = {"accuracy": True, "f1": True, "loss": False, "mse": False, "pearson": True}
 
 
 @dataclass
@@ -131,81 +126,8 @@ def load_splits(settings: FinetuneSettings) -> dict[str, datasets.Dataset]:
     return splits
 
 
-def infer_problem_type(feature) -> str:
-    if isinstance(feature, (datasets.Sequence, datasets.List, list)):
-        return MULTI
-    if isinstance(feature, datasets.Value) and feature.dtype.startswith("float"):
-        return REGRESSION
-    return SINGLE
-
-
-def label_names(train: datasets.Dataset, column: str, problem_type: str) -> list[str]:
-    feature = train.features[column]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    if problem_type == REGRESSION:
-        return ["score"]
-    values = train[column]
-    if problem_type == MULTI:
-        values = [label for row in values for label in row]
-    return [str(value) for value in sorted(set(values))]
-
-
-def encode_labels(split: datasets.Dataset, name: str, column: str, problem_type: str, label2id: dict) -> list:
-    """Labels as the model's loss wants them: class ids, multi-hot floats, or floats."""
-    values = split[column]
-    if isinstance(split.features[column], datasets.ClassLabel):
-        values = [split.features[column].int2str(value) for value in values]
-    if problem_type == REGRESSION:
-        return [float(value) for value in values]
-    rows = values if problem_type == MULTI else [[value] for value in values]
-    unknown = sorted({str(label) for row in rows for label in row} - label2id.keys())
-    if unknown:
-        raise DataError(
-            f"The {name} data has label(s) {unknown[:5]} that never occur in the training data "
-            f"(known: {sorted(label2id)[:20]})."
-        )
-    if problem_type == SINGLE:
-        return [label2id[str(row[0])] for row in rows]
-    return [[float(str(i) in {str(label) for label in row}) for i in label2id] for row in rows]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Metrics
-
-
-def logits_to_predictions(logits: torch.Tensor, problem_type: str) -> np.ndarray:
-    if problem_type == SINGLE:
-        return logits.argmax(-1).numpy()
-    if problem_type == MULTI:
-        return (logits > 0).int().numpy()  # sigmoid > 0.5
-    return logits.squeeze(-1).numpy()
-
-
-def loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> float:
-    """The loss the model trains on, over the whole (gathered) evaluation set at once."""
-    if problem_type == SINGLE:
-        return F.cross_entropy(logits, labels).item()
-    if problem_type == MULTI:
-        return F.binary_cross_entropy_with_logits(logits, labels.float()).item()
-    return F.mse_loss(logits.squeeze(-1), labels.float()).item()
-
-
-def compute_metrics(predictions: np.ndarray, labels: np.ndarray, problem_type: str, names: list[str]) -> dict:
-    from sklearn.metrics import accuracy_score, classification_report, f1_score
-
-    if problem_type == REGRESSION:
-        pearson = float(np.corrcoef(predictions, labels)[0, 1]) if np.std(predictions) > 0 else 0.0
-        return {"mse": float(np.mean((predictions - labels) ** 2)), "pearson": pearson}
-    classes = list(range(len(names)))
-    report = classification_report(
-        labels, predictions, labels=classes, target_names=names, output_dict=True, zero_division=0
-    )
-    return {
-        "accuracy": float(accuracy_score(labels, predictions)),  # exact match of all labels for multi-label
-        "f1": float(f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
-        "report": {name: {key: round(value, 4) for key, value in report[name].items()} for name in names},
-    }
 
 
 def predict(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -221,14 +143,8 @@ def predict(model, loader, accelerator) -> tuple[torch.Tensor, torch.Tensor | No
     return torch.cat(logits), torch.cat(labels) if labels else None
 
 
-def score(logits: torch.Tensor, labels: torch.Tensor, problem_type: str, names: list[str]) -> dict:
-    """The loss and the metrics of predictions against known labels."""
-    metrics = compute_metrics(logits_to_predictions(logits, problem_type), labels.numpy(), problem_type, names)
-    return {"loss": loss_of_logits(logits, labels, problem_type), **metrics}
-
-
-def validation_metrics(model, loader, accelerator, problem_type: str, names: list[str]) -> dict:
-    return score(*predict(model, loader, accelerator), problem_type, names)
+def validation_metrics(model, loader, accelerator, task: Task) -> dict:
+    return task.score(*predict(model, loader, accelerator))
 
 
 def plot_confusion_matrix(predictions, labels, names: list[str], path) -> None:
@@ -251,16 +167,12 @@ def plot_confusion_matrix(predictions, labels, names: list[str], path) -> None:
 
 
 def train(settings: FinetuneSettings, accelerator) -> dict:
-    resume, task = settings.run.checkpoint_to_resume, settings.classification
+    resume, classification = settings.run.checkpoint_to_resume, settings.classification
     splits = load_splits(settings)
-    problem_type = infer_problem_type(splits["train"].features[task.label_column])
-    names = label_names(splits["train"], task.label_column, problem_type)
-    label2id = {name: i for i, name in enumerate(names)}
-    metric = task.metric_for_best_model or {SINGLE: "accuracy", MULTI: "f1", REGRESSION: "mse"}[problem_type]
-    if (metric in ("mse", "pearson")) != (problem_type == REGRESSION):
-        raise DataError(f"--metric_for_best_model {metric} does not apply to {problem_type}.")
+    task = Task.of(splits["train"], classification.label_column)
+    metric = task.best_by(classification.metric_for_best_model)
 
-    tokenizer = AutoTokenizer.from_pretrained(resume or task.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(resume or classification.model_name_or_path)
     if tokenizer.pad_token is None:  # GPT-2's tokenizer has none: pad with EOS, pooling skips it
         tokenizer.pad_token = tokenizer.eos_token
     # Right padding keeps every text at positions 0..n-1, as in pre-training (GPT-2 does not shift positions).
@@ -269,18 +181,17 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
     def encode(split: datasets.Dataset, name: str) -> datasets.Dataset:
         encoded = split.map(
             lambda batch: tokenizer(*[batch[column] for column in text_columns(settings)], truncation=True,
-                                    max_length=task.max_length),
+                                    max_length=classification.max_length),
             batched=True, num_proc=settings.data.preprocessing_num_workers, remove_columns=split.column_names,
             desc=f"Tokenizing {name}",
         )
-        if task.label_column in split.column_names:
-            labels = encode_labels(split, name, task.label_column, problem_type, label2id)
-            encoded = encoded.add_column("labels", labels)
+        if classification.label_column in split.column_names:
+            encoded = encoded.add_column("labels", task.encode(split, name, classification.label_column))
         return encoded
 
     with accelerator.main_process_first():
         encoded = {name: encode(split, name) for name, split in splits.items()}
-    model = load_classifier(task.model_name_or_path, resume, problem_type, label2id, tokenizer, accelerator.print)
+    model = load_classifier(classification.model_name_or_path, resume, task, tokenizer, accelerator.print)
     if settings.optimization.learning_rate is None:
         settings.optimization.learning_rate = fine_tuning_rate(model.num_parameters())
         accelerator.print(f"Learning rate {settings.optimization.learning_rate:.1e}, for {model.num_parameters():,} "
@@ -291,20 +202,21 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
                              collate_fn=collate)
     run = TrainingRun(
         accelerator, settings, model, tokenizer, train_loader(encoded["train"], batch_size, collate), eval_loader,
-        geometry={"max_length": task.max_length}, unit="samples", items_per_batch=batch_size, name="minigpt-finetune",
+        geometry={"max_length": classification.max_length}, unit="samples", items_per_batch=batch_size,
+        name="minigpt-finetune",
     )
     extra = run.state.extra
     extra.setdefault("best", None)
     extra.setdefault("epochs_without_improvement", 0)
     accelerator.print(
-        f"{problem_type}: {len(names)} label(s) {names[:10]}; {len(encoded['train'])} training rows, "
+        f"{task.problem_type}: {len(task.names)} label(s) {task.names[:10]}; {len(encoded['train'])} training rows, "
         f"{run.plan.steps_per_epoch} steps per epoch, {run.plan.max_steps} steps, "
         f"{accelerator.num_processes} process(es)."
     )
     best_folder = RunFolder(settings.run.output_dir).best_model
 
     def after_epoch(epoch, write) -> bool:
-        metrics = validation_metrics(run.model, run.eval_loader, accelerator, problem_type, names)
+        metrics = validation_metrics(run.model, run.eval_loader, accelerator, task)
         run.log({f"eval_{key}": value for key, value in metrics.items() if key != "report"}, "eval")
         write(f"epoch {epoch}: " + ", ".join(f"eval_{k} {v:.4f}" for k, v in metrics.items() if k != "report"))
         best = extra["best"]
@@ -314,24 +226,24 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
             save_model_folder(best_folder, run.model, tokenizer, accelerator=accelerator, existing="replace")
         else:
             extra["epochs_without_improvement"] += 1
-        patience = task.early_stopping_patience
+        patience = classification.early_stopping_patience
         if patience and extra["epochs_without_improvement"] >= patience:
             write(f"No better eval_{metric} for {patience} epoch(s): stopping early.")
             return True
         return False
 
     run.fit(classification_loss, after_epoch=after_epoch)
-    return save_outputs(settings, run, encoded, collate, problem_type, names, metric, splits)
+    return save_outputs(settings, run, encoded, collate, task, metric, splits)
 
 
 def classification_loss(model, batch) -> torch.Tensor:
     return model(**batch).loss
 
 
-def load_classifier(source: str, resume, problem_type, label2id, tokenizer, say) -> MiniGPTForSequenceClassification:
+def load_classifier(source: str, resume, task: Task, tokenizer, say) -> MiniGPTForSequenceClassification:
     labels = dict(
-        num_labels=len(label2id), id2label={i: name for name, i in label2id.items()}, label2id=label2id,
-        problem_type=problem_type, pad_token_id=tokenizer.pad_token_id,
+        num_labels=len(task.names), id2label=dict(enumerate(task.names)), label2id=task.label2id,
+        problem_type=task.problem_type, pad_token_id=tokenizer.pad_token_id,
     )
     if resume is not None:  # weights come with the checkpoint
         return MiniGPTForSequenceClassification(MiniGPTConfig.from_pretrained(resume, **labels))
@@ -343,13 +255,13 @@ def load_classifier(source: str, resume, problem_type, label2id, tokenizer, say)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if info["missing_keys"]:
-        say(f"A new classification head ({', '.join(sorted(info['missing_keys']))}, {len(label2id)} labels) starts "
+        say(f"A new classification head ({', '.join(sorted(info['missing_keys']))}, {len(task.names)} labels) starts "
             "from random weights; fine-tuning trains it.")
     fit_embeddings(model, tokenizer)
     return model
 
 
-def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type, names, metric, splits) -> dict:
+def save_outputs(settings: FinetuneSettings, run, encoded, collate, task: Task, metric: str, splits) -> dict:
     """The best model into --output_dir, with its metrics, test predictions, pictures and card."""
     accelerator, folder = run.accelerator, RunFolder(settings.run.output_dir)
     best = run.state.extra["best"]
@@ -365,7 +277,7 @@ def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type
         )
         test = predict(run.model, test_loader, accelerator)
         if test[1] is not None:
-            results.update({f"test_{key}": value for key, value in score(*test, problem_type, names).items()
+            results.update({f"test_{key}": value for key, value in task.score(*test).items()
                             if key != "report"})
     # The best model's validation predictions: for the confusion matrix, and for predictions.csv without a test set.
     validation_logits, validation_labels = predict(run.model, run.eval_loader, accelerator)
@@ -374,15 +286,14 @@ def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type
     if accelerator.is_main_process:
         shutil.rmtree(folder.best_model)
         pictures = ()
-        if problem_type == SINGLE:
-            plot_confusion_matrix(logits_to_predictions(validation_logits, problem_type), validation_labels.numpy(),
-                                  names, folder.confusion_matrix)
+        if isinstance(task, SingleLabel):
+            plot_confusion_matrix(task.predictions(validation_logits), validation_labels.numpy(), task.names,
+                                  folder.confusion_matrix)
             pictures = (folder.confusion_matrix,)
         predicted_split, logits = ("test", test[0]) if test is not None else ("validation", validation_logits)
-        write_predictions(folder.predictions, splits[predicted_split], settings, logits, problem_type,
-                          names)
+        write_predictions(folder.predictions, splits[predicted_split], settings, logits, task)
         example = splits["validation"][settings.data.text_column][0]  # the user's own kind of text
-        write_classification_card(settings, model, results, problem_type, names, metric, pictures, example)
+        write_classification_card(settings, model, results, task, metric, pictures, example)
         summary = {key: value for key, value in results.items() if isinstance(value, (int, float))}
         print(f"Saved the best model (epoch {best['epoch']}) to {folder.path}: "
               + ", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
@@ -391,21 +302,10 @@ def save_outputs(settings: FinetuneSettings, run, encoded, collate, problem_type
     return results
 
 
-def write_predictions(path, split, settings: FinetuneSettings, logits, problem_type: str, names: list[str]) -> None:
+def write_predictions(path, split, settings: FinetuneSettings, logits, task: Task) -> None:
     """One row per text: the prediction by label name and how sure the model is of it (the probability of the
     predicted class; for multi-label, of each predicted label)."""
-    predictions = logits_to_predictions(logits, problem_type)
-    if problem_type == SINGLE:
-        shown = [names[i] for i in predictions]
-        scores = [f"{p:.4f}" for p in logits.softmax(-1).max(-1).values.tolist()]
-    elif problem_type == MULTI:
-        shown = ["|".join(name for name, on in zip(names, row) if on) for row in predictions]
-        probabilities = logits.sigmoid().tolist()
-        scores = ["|".join(f"{p:.4f}" for p, on in zip(row, chosen) if on) for row, chosen in
-                  zip(probabilities, predictions)]
-    else:
-        shown = [f"{value:.6g}" for value in predictions]
-        scores = [""] * len(shown)
+    shown, scores = task.shown(logits)
     label_column = settings.classification.label_column
     columns = text_columns(settings) + ([label_column] if label_column in split.column_names else [])
     with open(path, "w", newline="") as handle:
@@ -415,17 +315,17 @@ def write_predictions(path, split, settings: FinetuneSettings, logits, problem_t
             writer.writerow([index, *[row[column] for column in columns], prediction, score])
 
 
-def write_classification_card(settings: FinetuneSettings, model, results, problem_type, names, metric,
-                              pictures, example: str) -> None:
-    data, task = settings.data, settings.classification
+def write_classification_card(settings: FinetuneSettings, model, results, task: Task, metric: str, pictures,
+                              example: str) -> None:
+    data, classification = settings.data, settings.classification
     training_data = f"Training: {file_names(data.train_file)}."
     training_data += f" Validation: {file_names(data.validation_file)}." if data.validation_file else (
         f" Validation: {data.validation_split_percentage}% of the training rows, held out at random.")
     hyperparameters = {
-        "problem type": problem_type,
-        "labels": ", ".join(names[:20]),
+        "problem type": task.problem_type,
+        "labels": ", ".join(task.names[:20]),
         "text column(s)": ", ".join(text_columns(settings)),
-        "max length": task.max_length,
+        "max length": classification.max_length,
         **optimization_rows(settings.optimization),
         "epochs (best)": f"{results['epoch']} ({results['best_epoch']})",
         "best model by": f"eval_{metric}",
@@ -441,13 +341,14 @@ def write_classification_card(settings: FinetuneSettings, model, results, proble
         metrics=index,
         results=shown,
         hyperparameters=hyperparameters,
-        summary=f"A MiniGPT sequence classifier ({problem_type}) fine-tuned from `{task.model_name_or_path}` with "
+        summary=f"A MiniGPT sequence classifier ({task.problem_type}) fine-tuned from "
+        f"`{classification.model_name_or_path}` with "
         "`minigpt-finetune`. It pools the last non-padding token, as GPT2ForSequenceClassification does.",
         training_data=training_data,
         procedure="AdamW (no decay on biases and LayerNorm weights), evaluation after every epoch, the best epoch "
         f"by eval_{metric} kept; trained with Accelerate.",
         example_prompt=example,
-        base_model=task.model_name_or_path,
+        base_model=classification.model_name_or_path,
         repo_id=settings.hub.hub_model_id,
         pictures=pictures,
     )

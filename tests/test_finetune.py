@@ -18,7 +18,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipe
 import launches
 from conftest import WORDS, tiny_config
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from hf_minigpt.finetune import MULTI, REGRESSION, SINGLE, compute_metrics, main
+from hf_minigpt.finetune import main
+from hf_minigpt.tasks import MultiLabel, Regression, SingleLabel
 from hf_minigpt.folders import RunFolder
 from hf_minigpt.training.report import read_log
 
@@ -195,7 +196,7 @@ def test_multi_label_and_regression_runs(base, tmp_path):
     finetune(base, "--train_file", write_jsonl(tmp_path / "multi.jsonl", multi), "--label_column", "colours",
              "--num_train_epochs", "6", "--output_dir", str(tmp_path / "multi"))
     config = json.loads((tmp_path / "multi" / "config.json").read_text())
-    assert config["problem_type"] == MULTI and config["id2label"] == {"0": "blue", "1": "red"}
+    assert config["problem_type"] == MultiLabel.problem_type and config["id2label"] == {"0": "blue", "1": "red"}
     assert results(tmp_path / "multi")["eval_f1"] > 0.9
     with open(tmp_path / "multi" / "predictions.csv") as handle:  # no --test_file: the validation rows
         predictions = list(csv.DictReader(handle))
@@ -206,7 +207,7 @@ def test_multi_label_and_regression_runs(base, tmp_path):
     finetune(base, "--train_file", write_jsonl(tmp_path / "scores.jsonl", scores), "--label_column", "score",
              "--num_train_epochs", "4", "--output_dir", str(tmp_path / "regression"))
     found = results(tmp_path / "regression")
-    assert json.loads((tmp_path / "regression" / "config.json").read_text())["problem_type"] == REGRESSION
+    assert json.loads((tmp_path / "regression" / "config.json").read_text())["problem_type"] == Regression.problem_type
     assert found["eval_mse"] < np.var([row["score"] for row in scores]) / 2 and found["eval_pearson"] > 0.7
 
 
@@ -258,12 +259,12 @@ def test_plain_text_without_labels_is_refused_in_one_line(base, tmp_path):
 
 def test_metrics_on_a_known_prediction_set():
     labels, predictions = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 1, 2, 0])
-    metrics = compute_metrics(predictions, labels, SINGLE, ["a", "b", "c"])
+    metrics = SingleLabel(["a", "b", "c"]).metrics_of(predictions, labels)
     assert metrics["accuracy"] == pytest.approx(4 / 6)
     # F1 per class: a 1/2, b 4/5, c 2/3.
     assert metrics["f1"] == pytest.approx((1 / 2 + 4 / 5 + 2 / 3) / 3)
     assert metrics["report"]["b"] == {"precision": 0.6667, "recall": 1.0, "f1-score": 0.8, "support": 2.0}
-    regression = compute_metrics(np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 3.0]), REGRESSION, ["score"])
+    regression = Regression(["score"]).metrics_of(np.array([1.0, 2.0, 4.0]), np.array([1.0, 3.0, 3.0]))
     assert regression["mse"] == pytest.approx(2 / 3) and regression["pearson"] == pytest.approx((4 / 7) ** 0.5)
 
 
