@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
 from .hub import push_after_training
-from .folders import RunFolder, save_model_folder
+from .folders import RunFolder, atomic_file, save_model_folder
 from .training.checkpoint import load_whole_weights
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
 from .training.loop import TrainingRun, run_script
@@ -158,7 +158,8 @@ def plot_confusion_matrix(predictions, labels, names: list[str], path) -> None:
     )
     axes.set_title("validation set, best model")
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_file(path) as scratch:
+        figure.savefig(scratch, format="png")
     pyplot().close(figure)
 
 
@@ -308,7 +309,7 @@ def write_predictions(path, split, settings: FinetuneSettings, logits, task: Tas
     shown, scores = task.shown(logits)
     label_column = settings.classification.label_column
     columns = text_columns(settings) + ([label_column] if label_column in split.column_names else [])
-    with open(path, "w", newline="") as handle:
+    with atomic_file(path) as scratch, open(scratch, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", *columns, "prediction", "score"])
         for index, (row, prediction, score) in enumerate(zip(split.select_columns(columns), shown, scores)):

@@ -93,11 +93,12 @@ def with_default_permissions(path) -> None:
 @contextmanager
 def atomic_file(destination, replace: bool = True):
     """Yield a scratch path that becomes `destination` only if the block succeeds. Without `replace`, an existing
-    `destination` is refused before anything is written."""
+    `destination` is refused before anything is written. Each process has its own scratch name, so that processes
+    writing the same file never write into one scratch file."""
     destination = Path(destination)
     if not replace and destination.exists():
         raise FileExistsError(f"{destination} exists; choose a new file name (nothing was written).")
-    scratch = destination.with_name(f".{destination.name}.partial")
+    scratch = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
     try:
         yield scratch
         with_default_permissions(scratch)

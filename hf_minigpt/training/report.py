@@ -105,7 +105,8 @@ def write_model_card(
         pictures=[picture.name for picture in pictures if picture.exists()],
         samples=samples,
     )
-    card.save(run_folder.card)
+    with atomic_file(run_folder.card) as scratch:
+        card.save(scratch)
     return card
 
 
@@ -163,5 +164,6 @@ def plot_losses(log_history: list[dict], path) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_file(path) as scratch:
+        figure.savefig(scratch, format="png")
     pyplot().close(figure)

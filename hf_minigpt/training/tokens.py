@@ -10,7 +10,6 @@ zeros), then the tokens, uint16 (magic 20240520, version 1) when the vocabulary 
 Shards written by llm.c's data scripts train here as they are, and the other way round.
 """
 
-import os
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..folders import atomic_file
 from .data import DataError, expand, pieces
 
 HEADER_INTS = 256
@@ -124,12 +124,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_shard(path: Path, batches, vocab_size: int) -> Path:
     """Writes the token ids of `batches` (an iterable of int sequences) to `path`, one batch at a time; the file
-    appears, through a rename, only once complete."""
+    appears only once complete."""
     dtype = token_dtype(vocab_size)
     magic, version = FORMATS[dtype]
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     count = 0
-    with open(partial, "wb") as handle:
+    with atomic_file(path) as scratch, open(scratch, "wb") as handle:
         handle.write(np.zeros(HEADER_INTS, np.int32).tobytes())  # the count is known at the end
         for batch in batches:
             tokens = np.asarray(batch, dtype=dtype)
@@ -139,7 +138,6 @@ def write_shard(path: Path, batches, vocab_size: int) -> Path:
         header[:3] = magic, version, count
         handle.seek(0)
         handle.write(header.tobytes())
-    os.replace(partial, path)
     return path
 
 
