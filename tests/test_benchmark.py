@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hf_minigpt.benchmark import keep_capped_kernels_apart, native_bf16
+from hf_minigpt.benchmark.runner import keep_capped_kernels_apart, native_bf16
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 

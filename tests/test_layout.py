@@ -17,7 +17,7 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> set[str]:
-    """The package's modules that `path` imports, at the top or inside functions."""
+    """The package's modules that `path` imports, at the top or inside functions. A relative import must name one."""
     name, found = module_name(path), set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
@@ -26,6 +26,7 @@ def imports_of(path: Path) -> set[str]:
             if node.level:
                 anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = f"{anchor}.{base}".rstrip(".")
+                assert base in MODULES, f"{name} imports {base}, which is not a module of the package"
             candidates = [f"{base}.{alias.name}" for alias in node.names] + [base]
         elif isinstance(node, ast.Import):
             candidates = [alias.name for alias in node.names]

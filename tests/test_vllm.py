@@ -13,7 +13,7 @@ import torch
 
 import launches
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from hf_minigpt.benchmark import vllm_environment, vllm_greedy
+from hf_minigpt.benchmark.serving import vllm_environment, vllm_greedy
 from hf_minigpt.export import convert, gpt2_tokenizer
 
 pytestmark = pytest.mark.slow

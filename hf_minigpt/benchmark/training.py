@@ -1,0 +1,137 @@
+"""Training steps: tokens/s and MFU (forward + backward + AdamW, fp32 and bf16 autocast), and the peak memory of a
+step, for the three models."""
+
+import functools
+import json
+import math
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from .. import MiniGPTConfig, MiniGPTForCausalLM
+from .runner import (
+    MODELS,
+    Bench,
+    adamw,
+    batch_shape,
+    build,
+    config_for,
+    interleaved,
+    peak_rss,
+    ratio,
+    synchronize,
+    timer_of,
+    train_step,
+)
+
+# Dense peak TFLOPS from the vendors' data sheets (no sparsity), for MFU on GPUs.
+GPU_PEAK_TFLOPS = {
+    "H100 SXM": {"bf16": 989.0, "fp32": 67.0},
+    "H100 PCIe": {"bf16": 756.0, "fp32": 51.0},
+    "H200": {"bf16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp32": 19.5},
+    "L4": {"bf16": 121.0, "fp32": 30.3},
+}
+
+
+def measure_training(shape, device, dtype: str, repeats: int, gpu: bool) -> dict:
+    config = config_for(shape)
+    batch, seq = batch_shape(shape, gpu)
+    input_ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext()
+    timers = {}
+    for name in MODELS:
+        model = build(name, config, device).train()
+        optimizer = adamw(model)
+        train_step(model, optimizer, input_ids, autocast)  # warm-up: allocations, kernels
+        timers[name] = timer_of(lambda model=model, optimizer=optimizer: train_step(model, optimizer, input_ids,
+                                                                                    autocast), device)
+    times = interleaved(timers, repeats)
+    tokens = batch * seq
+    flops_per_token = training_flops_per_token(config, seq)
+    return {name: {"tokens_per_second": tokens / t["median"], "best_tokens_per_second": tokens / t["min"],
+                   "flops_per_second": flops_per_token * tokens / t["median"]} for name, t in times.items()}
+
+
+def two_training_steps(name: str, shape, device) -> None:
+    """What the memory figure measures: a model built, then two fp32 training steps (AdamW state included)."""
+    model = build(name, config_for(shape), device).train()
+    optimizer = adamw(model)
+    input_ids = torch.randint(0, shape[3], batch_shape(shape, device.type == "cuda"), device=device)
+    for _ in range(2):
+        train_step(model, optimizer, input_ids, nullcontext())
+    synchronize(device)
+
+
+def peak_memory(shape, device, name: str) -> float:
+    """Bytes a training step adds at its peak: CUDA max allocated, or peak RSS of a fresh process on CPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        two_training_steps(name, shape, device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    child = [sys.executable, "-m", "hf_minigpt.benchmark", "--_memory_child", name, json.dumps(shape)]
+    return float(json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout)["bytes"])
+
+
+def memory_child(name: str, shape) -> None:
+    """In a fresh process: the peak RSS over two training steps, less the RSS before the model was built."""
+    before = peak_rss()
+    two_training_steps(name, shape, torch.device("cpu"))
+    print(json.dumps({"bytes": peak_rss() - before}))
+
+
+def training_flops_per_token(config: MiniGPTConfig, seq: int) -> float:
+    """6 per parameter (forward and backward), plus attention's 12 * layers * width * seq (PaLM, appendix B)."""
+    with torch.device("meta"):
+        n_params = MiniGPTForCausalLM(config).num_parameters()
+    return 6 * n_params + 12 * config.n_layer * config.n_embd * seq
+
+
+@functools.cache  # measured once per run: the training and end-to-end rows share it
+def device_peak_flops(device, dtype: str) -> tuple[float, str]:
+    """FLOP/s the device can do: the vendor's dense figure on a known GPU, else a measured large matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in GPU_PEAK_TFLOPS.items():
+            if all(word in name for word in key.split()):
+                return peaks[dtype] * 1e12, f"{key} data sheet"
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    n = 2048
+    a, b = torch.randn(n, n, device=device, dtype=torch_dtype), torch.randn(n, n, device=device, dtype=torch_dtype)
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best, f"measured {n}x{n} matmul"
+
+
+def train_table(bench: Bench, shape_name: str, shape) -> None:
+    for dtype in bench.dtypes:
+        key = f"train {shape_name} {dtype}"
+        bench.report.say(key)
+        results = measure_training(shape, bench.device, dtype, bench.repeats, bench.gpu)
+        peak, source = device_peak_flops(bench.device, dtype)
+        for name in results:
+            results[name]["mfu"] = results[name]["flops_per_second"] / peak
+        speeds = (f"{key} tokens/s", *(f"{results[m]['tokens_per_second']:,.0f}" for m in MODELS),
+                  ratio(results, "tokens_per_second", "gpt2"), ratio(results, "tokens_per_second", "nanogpt"))
+        bench.report.record(key, {**results, "peak_flops": peak, "peak_source": source}, speeds,
+                            (f"{key} MFU", *(f"{results[m]['mfu']:.1%}" for m in MODELS), "", ""))
+
+
+def memory_table(bench: Bench, shape_name: str, shape) -> None:
+    bench.report.say(f"memory {shape_name}")
+    memory = {name: {"bytes": peak_memory(shape, bench.device, name)} for name in MODELS}
+    bench.report.record(f"memory {shape_name}", memory,
+                        (f"train {shape_name} peak memory MB",
+                         *(f"{memory[m]['bytes'] / 2**20:,.0f}" for m in MODELS),
+                         ratio(memory, "bytes", "gpt2"), ratio(memory, "bytes", "nanogpt")))
