@@ -3,6 +3,7 @@ the hub never reach into training, and only `folders.py` spells the names of a r
 
 import ast
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,10 @@ def test_only_folders_spells_the_run_files():
 
 def test_every_module_says_what_it_owns():
     assert not [name for name, path in MODULES.items() if not ast.get_docstring(ast.parse(path.read_text()))]
+
+
+def test_every_package_is_installed():
+    """A regular (non-editable) install holds only the packages pyproject.toml lists."""
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {module_name(path) for path in PACKAGE.rglob("__init__.py")} | {"minigpt_commands"}
+    assert found <= listed
