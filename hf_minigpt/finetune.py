@@ -25,8 +25,9 @@ from .hub import push_after_training
 from .folders import RunFolder, atomic_file, save_model_folder
 from .training.checkpoint import load_whole_weights
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
-from .training.loop import TrainingRun, run_script
+from .training.loop import TrainingRun
 from .training.report import evaluated_on, file_names, optimization_rows, pyplot, write_model_card
+from .training.script import run_script
 from .training.settings import (
     DataSettings,
     HubSettings,
@@ -34,6 +35,7 @@ from .training.settings import (
     RunSettings,
     model_source_problem,
     parse,
+    save_settings,
     setting,
 )
 from .tasks import METRICS, SingleLabel, Task
@@ -201,8 +203,11 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
     batch_size = settings.optimization.per_device_train_batch_size
     eval_loader = DataLoader(encoded["validation"], batch_size=settings.data.per_device_eval_batch_size,
                              collate_fn=collate)
+    if accelerator.is_main_process:
+        save_settings(settings)  # as resolved, e.g. a learning rate chosen for the model's size
     run = TrainingRun(
-        accelerator, settings, model, tokenizer, train_loader(encoded["train"], batch_size, collate), eval_loader,
+        accelerator, settings.run, settings.optimization, model, tokenizer,
+        train_loader(encoded["train"], batch_size, collate), eval_loader,
         geometry={"max_length": classification.max_length}, unit="samples", items_per_batch=batch_size,
         name="minigpt-finetune",
     )

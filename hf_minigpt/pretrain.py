@@ -24,8 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import MiniGPTConfig, MiniGPTForCausalLM
 from .hub import push_after_training
 from .training.data import DataError, check_columns, hold_out, load_files, pieces, train_loader
-from .training.loop import TrainingRun, run_script
+from .training.loop import TrainingRun
 from .training.report import evaluated_on, file_names, optimization_rows, write_model_card
+from .training.script import run_script
 from .training.settings import (
     DataSettings,
     HubSettings,
@@ -33,6 +34,7 @@ from .training.settings import (
     RunSettings,
     model_source_problem,
     parse,
+    save_settings,
     setting,
 )
 from .training.tokens import (
@@ -297,8 +299,11 @@ def train(settings: PretrainSettings, accelerator) -> dict:
     model = build_model(settings, tokenizer, resume)
     batch_size = settings.optimization.per_device_train_batch_size
     eval_loader = validation_blocks and DataLoader(validation_blocks, batch_size=data.per_device_eval_batch_size)
+    if accelerator.is_main_process:
+        save_settings(settings)  # as resolved
     run = TrainingRun(
-        accelerator, settings, model, tokenizer, train_loader(train_blocks, batch_size), eval_loader,
+        accelerator, settings.run, settings.optimization, model, tokenizer, train_loader(train_blocks, batch_size),
+        eval_loader,
         geometry={"block_size": block_size}, unit="tokens", items_per_batch=batch_size * block_size,
         name="minigpt-pretrain",
     )

@@ -1,40 +1,28 @@
-"""The loop: the Accelerator, the optimizer and its schedule, the optimizer steps, stopping, resuming.
+"""The loop: the optimizer and its schedule, the optimizer steps, stopping, resuming.
 
 A script brings its model, loaders and loss; `TrainingRun.fit` does the rest the same way for every script:
 gradient accumulation, clipping, logging, progress, checkpoints, signals and the NaN stop.
 """
 
-import ctypes
-import ctypes.util
-import gc
 import json
 import math
-import os
-import re
-import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import torch
-import transformers
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
-from ..cli import quiet_loading
 from ..folders import RunFolder, save_model_folder
-from .checkpoint import Layout, Prepared, TrainingState, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import Layout, Prepared, TrainingState, load_checkpoint, save_checkpoint
 from .data import DataError
-from .processes import LaunchError, Peers, build_accelerator, is_lost_peer
 from .report import Log, plot_losses, write_json
-from .settings import flags, save_settings
+from .settings import OptimizationSettings, RunSettings
 
 
 class DivergedError(RuntimeError):
@@ -58,91 +46,6 @@ def duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-
-
-def run_script(prog: str, parse, train, argv=None) -> None:
-    """A training script's entry point. Bad data, or a loss that diverges, ends it with one line, not a trace; a
-    signal ends it with the shell's exit code for that signal, so that `train && publish` does not publish; a lost
-    process ends the others at once, with one line that says what to resume from."""
-    settings = parse(argv)
-    quiet_loading()
-    created = not Path(settings.run.output_dir).exists()
-    try:
-        accelerator = start(settings, prog)
-    except LaunchError as error:
-        sys.exit(f"{prog}: error: {error}")
-    peers = Peers(accelerator)
-    outcome = None
-    try:
-        train(settings, accelerator)
-    except DataError as error:
-        if created and accelerator.is_main_process:  # a refused run leaves nothing behind
-            shutil.rmtree(settings.run.output_dir, ignore_errors=True)
-        outcome = f"{prog}: error: {error}"
-    except DivergedError as error:
-        outcome = f"{prog}: {error}"
-    except RunComplete as complete:
-        print(f"{prog}: {complete}")
-    except Stopped as stopped:
-        outcome = stopped.exit_code
-    except RuntimeError as error:
-        if not is_lost_peer(error):
-            raise
-        print(f"{prog}: {peers.lost()} of this run was lost (rank {peers.rank} of {peers.world} stops here: "
-              f"{backend_words(error)}). {resume_advice(settings.run.output_dir)}", file=sys.stderr, flush=True)
-        os._exit(1)  # the process group is broken: tearing it down could wait on the lost process
-    # Only here, where no frame holds the DDP-wrapped model any more: its reducer must be freed before the process
-    # group is destroyed, or freeing it blocks forever on the destroyed group.
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
-    if outcome is not None:
-        sys.exit(outcome)
-
-
-def backend_words(error: RuntimeError) -> str:
-    """The gist of a communication backend's error: its first sentence, without the source location."""
-    return re.sub(r"^\[[^\]]*\]\s*", "", str(error).splitlines()[0]).split(". ")[0]
-
-
-def resume_advice(output_dir) -> str:
-    checkpoints = list_checkpoints(output_dir)
-    if not checkpoints:
-        return "No checkpoint was written: start again with --overwrite_output_dir."
-    return f"Continue from {checkpoints[-1]} with --resume_from_checkpoint latest."
-
-
-def keep_large_blocks_out_of_the_heap(threshold: int = 8 << 20) -> None:
-    """glibc's malloc raises its mmap threshold to the largest block freed (up to 32 MB), after which blocks of that
-    size come from its heap. A long evaluation on a busy CPU, allocating and freeing (rows, vocab) loss buffers of
-    16 MB, fragmented that heap until the process held 8 GB (measured: 1,239 batches, both cores shared). A fixed
-    threshold gives blocks above it their own mapping, returned when freed: 0.8 GB in the same run, steps 2-3%
-    slower at the default model's shape."""
-    libc = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and libc:
-        mallopt = getattr(ctypes.CDLL(libc), "mallopt", None)  # glibc's; musl has none
-        if mallopt is not None:
-            mallopt(-3, threshold)  # M_MMAP_THRESHOLD; setting it also turns off the adjustment
-
-
-def start(settings, name: str) -> Accelerator:
-    """The Accelerator, seeded, with trackers started and the output folder ready."""
-    run = settings.run
-    keep_large_blocks_out_of_the_heap()
-    if not sys.stderr.isatty():  # progress bars written into a log file are noise
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    accelerator = build_accelerator(settings)
-    set_seed(run.seed)
-    if accelerator.is_main_process:
-        Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-        if run.overwrite_output_dir and not run.resume_from_checkpoint:
-            for old in list_checkpoints(run.output_dir):
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    if run.report_to != "none":
-        accelerator.init_trackers(name, config={k: str(v) for k, v in flags(settings).items()})
-    return accelerator
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,11 +144,13 @@ def sized(loader) -> bool:
 class TrainingRun:
     """One run of optimizer steps over prepared objects; `state` (a `TrainingState`) is where it stands."""
 
-    def __init__(self, accelerator, settings, model, tokenizer, train_loader, eval_loader, *, geometry: dict,
+    def __init__(self, accelerator, run_settings: RunSettings, optimization: OptimizationSettings, model, tokenizer,
+                 train_loader, eval_loader, *, geometry: dict,
                  unit: str, items_per_batch: int, name: str):
-        self.accelerator, self.settings, self.tokenizer, self.unit = accelerator, settings, tokenizer, unit
+        self.accelerator, self.tokenizer, self.unit = accelerator, tokenizer, unit
+        self.run_settings, self.optimization = run_settings, optimization
         self.name = name
-        optimization, processes = settings.optimization, accelerator.num_processes
+        processes = accelerator.num_processes
         self.plan = plan_steps(optimization, math.ceil(len(train_loader) / processes) if sized(train_loader) else None)
         optimizer, scheduler = optimizer_and_schedule(model, optimization, self.plan.max_steps, processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
@@ -254,14 +159,12 @@ class TrainingRun:
         # A checkpoint resumes with any number of processes that keeps the global batch; its layout is converted.
         self.layout = Layout(processes, optimization.per_device_train_batch_size,
                              optimization.gradient_accumulation_steps)
-        geometry = {**geometry, "seed": settings.run.seed, "global_batch": self.layout.global_batch}
+        geometry = {**geometry, "seed": run_settings.seed, "global_batch": self.layout.global_batch}
         self.state = TrainingState(geometry, self.layout)
-        if accelerator.is_main_process:
-            save_settings(settings)  # as resolved by the script, e.g. a learning rate chosen for the model's size
-        self.last_checkpoint = resume = settings.run.checkpoint_to_resume
+        self.last_checkpoint = resume = run_settings.checkpoint_to_resume
         if resume is not None:
             self.resume_from(resume)
-        self.log_file = Log(settings.run.output_dir, accelerator.is_main_process,
+        self.log_file = Log(run_settings.output_dir, accelerator.is_main_process,
                             resumed_at=self.step if resume else None)
         self.last_entry = {}
         self.items_per_step = items_per_batch * processes * optimization.gradient_accumulation_steps
@@ -298,19 +201,19 @@ class TrainingRun:
     def refuse_to_redo_a_finished_run(self, resume: Path) -> None:
         """Resuming a run whose model is already in --output_dir either has nothing to do, or must start from the
         end of it: never retrain from an older checkpoint over the finished model."""
-        results = RunFolder(self.settings.run.output_dir).results
+        results = RunFolder(self.run_settings.output_dir).results
         if not results.exists():
             return
         finished = json.loads(results.read_text()).get("train_steps", 0)
         if self.plan.max_steps <= finished:
             raise RunComplete(
-                f"{self.settings.run.output_dir} already holds the finished run ({finished} steps); nothing changed. "
+                f"{self.run_settings.output_dir} already holds the finished run ({finished} steps); nothing changed. "
                 f"Pass a --max_train_steps above {finished} to train it further."
             )
         if self.state.completed_steps < finished:
             raise DataError(
                 f"{resume} (step {self.state.completed_steps}) is older than the finished model in "
-                f"{self.settings.run.output_dir} ({finished} steps): resuming from it would retrain over that model. "
+                f"{self.run_settings.output_dir} ({finished} steps): resuming from it would retrain over that model. "
                 "Start a new --output_dir from it with --model_name_or_path instead."
             )
 
@@ -324,7 +227,7 @@ class TrainingRun:
         self.accelerator.log({f"{prefix}/{key}": value for key, value in entry.items()}, step=self.step)
 
     def checkpoint(self) -> Path:
-        run = self.settings.run
+        run = self.run_settings
         self.last_checkpoint = save_checkpoint(self.accelerator, run.output_dir, self.state, run.save_total_limit,
                                                self.prepared, self.tokenizer)
         return self.last_checkpoint
@@ -335,8 +238,8 @@ class TrainingRun:
     def fit(self, compute_loss, after_step=None, after_epoch=None) -> None:
         """Train to the end, or until a signal (then a checkpoint is saved and `Stopped` raised). `after_epoch`
         returning True ends training early."""
-        accelerator, run, state, model = self.accelerator, self.settings.run, self.state, self.model
-        max_grad_norm, plan = self.settings.optimization.max_grad_norm, self.plan
+        accelerator, run, state, model = self.accelerator, self.run_settings, self.state, self.model
+        max_grad_norm, plan = self.optimization.max_grad_norm, self.plan
         # A bar on a terminal; in a log file (not a terminal) a line every 5% of the steps instead.
         to_terminal = sys.stderr.isatty()
         progress = tqdm(total=plan.max_steps, initial=self.step, desc=self.name,
@@ -432,7 +335,7 @@ class TrainingRun:
     def save(self, results: dict) -> None:
         """The trained model and tokenizer into --output_dir, with `results` (all_results.json) and the loss curve;
         every process takes part."""
-        folder = RunFolder(self.settings.run.output_dir)
+        folder = RunFolder(self.run_settings.output_dir)
         save_model_folder(folder.path, self.model, self.tokenizer, accelerator=self.accelerator, existing="merge")
         if self.accelerator.is_main_process:
             write_json(folder.results, results)
