@@ -88,3 +88,13 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {module_name(path) for path in PACKAGE.rglob("__init__.py")} | {"minigpt_commands"}
     assert found <= listed
+
+
+def test_the_old_convert_module_still_answers_with_a_warning():
+    import hf_minigpt.convert
+    import hf_minigpt.export
+
+    with pytest.warns(FutureWarning, match="moved to hf_minigpt.export"):
+        assert hf_minigpt.convert.gpt2_tokenizer is hf_minigpt.export.gpt2_tokenizer
+    with pytest.raises(AttributeError):
+        hf_minigpt.convert.no_such_name
