@@ -29,7 +29,7 @@ def test_quick_benchmark_measures_every_model(tmp_path):
     assert all(report["memory tiny"][model]["bytes"] >= 0 for model in ("minigpt", "gpt2", "nanogpt"))
     assert report["generate tiny dynamic b=8"]["minigpt"]["tokens_per_second"] > 0
     serving = report["serve tiny"]  # 4 prompts, 8 new tokens each
-    assert set(serving) == {"continuous batching", "generate() one by one"}
+    assert set(serving) == {"continuous batching", "continuous batching, int8", "generate() one by one"}
     assert all(0 < engine["p50_seconds"] <= engine["p99_seconds"] and engine["tokens_per_second"] > 0
                for engine in serving.values())
     assert "serving 4 prompts of 8-64 tokens" in result.stdout and "p99 latency s" in result.stdout

@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_minigpt import MiniGPTForCausalLM
 from hf_minigpt.export import convert
+from hf_minigpt.quantize import quantize_int8
 
 import launches
 from conftest import tiny_config
@@ -106,7 +107,10 @@ def test_the_flags_and_auto_map_engines_read(model, tmp_path):
     assert auto_map["AutoModelForCausalLM"] == "modeling_minigpt.MiniGPTForCausalLM"
 
 
-def test_continuous_batching_gives_the_greedy_tokens_of_each_prompt(lively_model):
+@pytest.mark.parametrize("weights", ["fp32", "int8"])
+def test_continuous_batching_gives_the_greedy_tokens_of_each_prompt(lively_model, weights):
+    if weights == "int8":  # the int8 model's own full forwards are the reference
+        quantize_int8(lively_model)
     config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=1)
     outputs = lively_model.generate_batch(inputs=PROMPTS, generation_config=config)
     by_prompt = {tuple(output.prompt_ids): output.generated_tokens for output in outputs.values()}

@@ -1,6 +1,8 @@
 """Serving: the same mixed prompts, all arriving at once, through every engine that serves MiniGPT here:
 transformers' continuous batching, generate() one by one, and vLLM (its CPU build, in its own environment)."""
 
+import copy
+import functools
 import json
 import math
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..export import convert
+from ..quantize import quantize_int8
 from .runner import Bench, build, config_for, interleaved_runs
 
 
@@ -42,7 +45,8 @@ def serving_summary(runs: list[list[float]], tokens: int) -> dict:
 
 def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, vllm_python: Path | None) -> dict:
     """Greedy decoding of `prompts` mixed prompts that all arrive at once, `new_tokens` each: transformers' continuous
-    batching (`generate_batch`, a paged KV cache) and `generate()` one prompt after another, interleaved; then, where
+    batching (`generate_batch`, a paged KV cache), the same with int8 weights (`hf_minigpt.quantize`) and `generate()`
+    one prompt after another, interleaved; then, where
     vLLM's CPU build is installed (`vllm_python`), vLLM on MiniGPT's GPT-2 export and on the MiniGPT folder itself
     (its Transformers backend), each in a process of its own. A request's latency runs from the arrival of all
     prompts to its last token."""
@@ -58,7 +62,7 @@ def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, 
     pages = sum(math.ceil((len(prompt) + new_tokens) / 256) for prompt in inputs)
     paged_cache = ContinuousBatchingConfig(num_blocks=pages, max_batch_tokens=512)
 
-    def continuous_batching() -> list[float]:
+    def continuous_batching(model) -> list[float]:
         started = time.perf_counter()
         outputs = model.generate_batch(inputs=inputs, generation_config=generation,
                                        continuous_batching_config=paged_cache, progress_bar=False)
@@ -72,7 +76,9 @@ def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, 
             latencies.append(time.perf_counter() - started)
         return latencies
 
-    engines = {"continuous batching": continuous_batching, "generate() one by one": one_by_one}
+    engines = {"continuous batching": functools.partial(continuous_batching, model),
+               "continuous batching, int8": functools.partial(continuous_batching, quantize_int8(copy.deepcopy(model))),
+               "generate() one by one": one_by_one}
     for run in engines.values():
         run()  # warm-up: the paged cache is set up on the first call
     runs = interleaved_runs(engines, repeats)
