@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
 from .hub import push_after_training
 from .folders import RunFolder, atomic_file, save_model_folder
+from .tasks import METRICS, SingleLabel, Task
 from .training.checkpoint import load_whole_weights
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
 from .training.loop import TrainingRun
@@ -38,7 +39,6 @@ from .training.settings import (
     save_settings,
     setting,
 )
-from .tasks import METRICS, SingleLabel, Task
 from .training.tokens import fit_embeddings
 
 

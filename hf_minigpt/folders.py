@@ -6,6 +6,7 @@ removes. Several processes can write into one folder (Accelerate's state files a
 folder's name is known to all of them.
 """
 
+import json
 import os
 import re
 import shutil
@@ -105,6 +106,12 @@ def atomic_file(destination, replace: bool = True):
         os.replace(scratch, destination)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def write_json(path, data) -> None:
+    """`data` as indented JSON, written whole."""
+    with atomic_file(path) as scratch:
+        scratch.write_text(json.dumps(data, indent=2) + "\n")
 
 
 @contextmanager

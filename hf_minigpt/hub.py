@@ -44,9 +44,10 @@ def load_pushable_model(folder: Path):
 
 
 def check_card(folder: Path) -> ModelCard:
-    if not RunFolder(folder).card.exists():
+    card_file = RunFolder(folder).card
+    if not card_file.exists():
         raise PushError(f"{folder} has no model card (README.md): the training scripts write one.")
-    card = ModelCard.load(RunFolder(folder).card)
+    card = ModelCard.load(card_file)
     if not card.data.eval_results:
         raise PushError(f"The model card in {folder} reports no evaluation results (no `model-index`): not pushed.")
     return card

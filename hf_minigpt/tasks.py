@@ -48,7 +48,7 @@ class Task:
         values = split[column]
         if isinstance(split.features[column], datasets.ClassLabel):
             values = [split.features[column].int2str(value) for value in values]
-        rows = [[value] for value in values] if isinstance(self, SingleLabel) else values
+        rows = self.label_rows(values)
         unknown = sorted({str(label) for row in rows for label in row} - self.label2id.keys())
         if unknown:
             raise DataError(f"The {name} data has label(s) {unknown[:5]} that never occur in the training data "
@@ -76,6 +76,9 @@ class Task:
 class SingleLabel(Task):
     problem_type, default_metric, metrics = "single_label_classification", "accuracy", ("accuracy", "f1")
 
+    def label_rows(self, values) -> list[list]:
+        return [[value] for value in values]
+
     def encode_rows(self, rows) -> list[int]:
         return [self.label2id[str(row[0])] for row in rows]
 
@@ -95,6 +98,9 @@ class SingleLabel(Task):
 
 class MultiLabel(Task):
     problem_type, default_metric, metrics = "multi_label_classification", "f1", ("accuracy", "f1")
+
+    def label_rows(self, values) -> list[list]:
+        return values  # a list of labels per row already
 
     def encode_rows(self, rows) -> list[list[float]]:
         return [[float(name in {str(label) for label in row}) for name in self.label2id] for row in rows]

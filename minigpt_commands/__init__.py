@@ -45,9 +45,16 @@ def saved_help(command: str) -> str:
 
 def parser_help(command: str) -> str:
     """What the command's parser prints for --help, at the width the saved text has."""
+    columns = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = str(HELP_COLUMNS)
-    with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.suppress(SystemExit):
-        importlib.import_module(COMMANDS[command]).main(["--help"])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as printed, contextlib.suppress(SystemExit):
+            importlib.import_module(COMMANDS[command]).main(["--help"])
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS")
+        else:
+            os.environ["COLUMNS"] = columns
     return printed.getvalue()
 
 

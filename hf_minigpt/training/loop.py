@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
-from ..folders import RunFolder, save_model_folder
+from ..folders import RunFolder, save_model_folder, write_json
 from .checkpoint import Layout, Prepared, TrainingState, load_checkpoint, save_checkpoint
 from .data import DataError
-from .report import Log, plot_losses, write_json
+from .report import Log, plot_losses
 from .settings import OptimizationSettings, RunSettings
 
 

@@ -137,11 +137,6 @@ def read_log(output_dir) -> list[dict]:
     return [json.loads(line) for line in RunFolder(output_dir).log.read_text().splitlines()]
 
 
-def write_json(path, data) -> None:
-    with atomic_file(path) as scratch:
-        scratch.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def pyplot():
     """matplotlib's pyplot, drawing to files only (no display)."""
     import matplotlib

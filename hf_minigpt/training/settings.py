@@ -19,7 +19,7 @@ from typing import Literal
 from transformers import HfArgumentParser, SchedulerType
 
 from ..cli import OneLineErrors
-from ..folders import RunFolder, atomic_file
+from ..folders import RunFolder, write_json
 from .checkpoint import find_checkpoint, list_checkpoints
 
 
@@ -209,9 +209,8 @@ NOT_SAVED = ("hub_token", "resume_from_checkpoint")
 def save_settings(settings) -> None:
     """The run's resolved settings into its output folder, by flag name: what `--config` reads. Not the hub token (a
     secret), nor the checkpoint a resumed run started from (it is the same run)."""
-    saved = {name: value for name, value in flags(settings).items() if name not in NOT_SAVED}
-    with atomic_file(RunFolder(settings.run.output_dir).settings) as scratch:
-        scratch.write_text(json.dumps(saved, indent=2) + "\n")
+    write_json(RunFolder(settings.run.output_dir).settings,
+               {name: value for name, value in flags(settings).items() if name not in NOT_SAVED})
 
 
 def model_source_problem(name: str | None, flag: str) -> str | None:
