@@ -1,43 +1,92 @@
-"""Int8 weight-only quantization for a fast CPU decode.
+"""Int8 quantization for a fast CPU decode.
 
 Decoding one token at a time reads every weight once per token, so its speed is set by how many bytes the weights
-take: int8 weights read a quarter of fp32's. Each output channel keeps its own scale (`weight ≈ int8 * scale`), which
-is how GPT-fast and torchao's `int8_weight_only` do it.
+take: int8 weights read a quarter of fp32's. Each output channel keeps its own scale (`weight ≈ int8 * scale`), as
+in GPT-fast and torchao; each row of activations (each token) is rounded to 7-bit integers with its own scale, as
+llama.cpp rounds its activations to 8 bits, and the product runs in integers through fbgemm, PyTorch's x86 int8 GEMM.
 
-    model = quantize_int8(MiniGPTForCausalLM.from_pretrained(folder))   # in place; for inference
+    model = quantize_int8(MiniGPTForCausalLM.from_pretrained(folder))   # in place; for inference on an x86 CPU
     model.generate(ids, max_new_tokens=64, cache_implementation="static", compile_config=cpu_compile_config())
 
-On a CPU the product runs through PyTorch's int8 x bf16 kernel (`_weight_int8pack_mm`, vectorized for AVX2 and
-AVX-512; its fp32 variant is not): activations are rounded to bf16 on the way in, the result returns in the
-model's dtype. Elsewhere the weight is widened to the activations' dtype and multiplied as usual.
+fbgemm quantizes its input itself, with one scale for the whole tensor. Two more input columns, -64 and 63, against
+zero weights, make that scale exactly 1 (zero point 64): the integers pass through unchanged and every row keeps its
+own scale, so a token's logits do not depend on the other tokens in the batch and a decode step computes exactly
+what a full forward does. 7 bits (fbgemm's `reduce_range`) keep x86 CPUs without VNNI, whose int8 instructions add
+pairs of products in 16 bits, from saturating.
 """
+
+import warnings
+import weakref
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers import CompileConfig
+
+# torch.compile cannot trace fbgemm's packed weights (a TorchScript object), so the product is an operator of our
+# own, which finds its layer's weights by number: the compiled graph holds the number.
+_LAYERS: "weakref.WeakValueDictionary[int, Int8Linear]" = weakref.WeakValueDictionary()
+_library = torch.library.Library("hf_minigpt", "DEF")
+_library.define("int8_linear(Tensor integers, int layer, int out_features) -> Tensor")
+
+
+def _int8_linear(integers: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(integers, _LAYERS[layer].packed_weight, True)  # True: 7 bits
+
+
+_library.impl("int8_linear", _int8_linear, "CPU")
+
+
+@torch.library.register_fake("hf_minigpt::int8_linear")
+def _int8_linear_shape(integers, layer, out_features):
+    return integers.new_empty(*integers.shape[:-1], out_features)
+
+
+PIN_COLUMNS = (-64.0, 63.0)  # the 7-bit range fbgemm's dynamic quantization then maps onto itself
 
 
 class Int8Linear(nn.Module):
-    """An `nn.Linear` whose weight is stored as int8 with one fp32 scale per output channel."""
+    """An `nn.Linear` whose weight is int8 with one scale per output channel, packed for fbgemm; activations are
+    rounded to integers per row."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("weight", torch.round(weight / scale[:, None]).clamp(-128, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(torch.bfloat16))  # the kernel's dtype
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        integers = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        pinned = torch.cat([integers, integers.new_zeros(len(integers), len(PIN_COLUMNS))], dim=1)
+        engine, torch.backends.quantized.engine = torch.backends.quantized.engine, "fbgemm"
+        try:
+            with warnings.catch_warnings():  # fbgemm packs only a qint8 tensor, a dtype deprecated in torch 2.13
+                warnings.filterwarnings("ignore", "torch.quantize_per_tensor, torch.quantize_per_channel")
+                quantized = torch._make_per_channel_quantized_tensor(pinned, scale.double(),
+                                                                     torch.zeros_like(scale).long(), 0)
+            self.packed_weight = torch.ops.quantized.linear_prepack(quantized, None)
+        finally:
+            torch.backends.quantized.engine = engine
+        self.register_buffer("pin", torch.tensor(PIN_COLUMNS), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._register()
+
+    def _register(self):
+        self.layer = id(self)
+        _LAYERS[self.layer] = self
+
+    def __setstate__(self, state):  # a copy (deepcopy, pickle) is a layer of its own
+        super().__setstate__(state)
+        self._register()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scale)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        rows = x.float()
+        row_scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / PIN_COLUMNS[1]
+        integers = torch.cat([torch.round(rows / row_scale), self.pin.expand(*rows.shape[:-1], -1)], dim=-1)
+        y = torch.ops.hf_minigpt.int8_linear(integers, self.layer, self.out_features) * row_scale
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
+
+    @property
+    def weight_bytes(self) -> int:
+        """What one product reads: an int8 per weight and an fp32 scale per output channel."""
+        return self.out_features * (self.in_features + 4)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise ValueError("An int8-quantized MiniGPT is for inference only and cannot be saved: save the model "
@@ -51,6 +100,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """Replaces the transformer blocks' projections and the LM head by `Int8Linear`, in place, and returns the
     model. Embeddings, LayerNorms and small task heads stay as they are. The LM head gets its own int8 copy of the
     token embedding it is tied to; the embedding itself stays exact for the lookup."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise ValueError("int8 decoding runs on x86 CPUs (PyTorch's fbgemm kernels), which this PyTorch build "
+                         f"lacks (it has: {', '.join(torch.backends.quantized.supported_engines)}).")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"int8 decoding runs on the CPU, and this model is on {device}: quantize it on the CPU.")
     model.eval()
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (".h." in f".{name}" or name == "lm_head")]
@@ -65,7 +120,8 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def cpu_compile_config() -> CompileConfig:
     """What makes `generate(..., cache_implementation="static")` compile the decode step on a CPU too (transformers
-    compiles it automatically on GPUs only)."""
-    config = CompileConfig(fullgraph=True)
+    compiles it automatically on GPUs only). Inductor's C++ wrapper calls the step's kernels from C++ rather than
+    Python, which at batch 1 is where a compiled step spends a third of its time (GPUs replay CUDA graphs instead)."""
+    config = CompileConfig(fullgraph=True, mode=None, options={"cpp_wrapper": True})
     config._compile_all_devices = True
     return config

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..export.gguf import write_gguf
 from ..export.onnx import greedy_decode, write_onnx
-from ..quantize import cpu_compile_config, quantize_int8
+from ..quantize import Int8Linear, cpu_compile_config, quantize_int8
 from .runner import Bench, build, config_for, installed, interleaved, timer_of
 
 
@@ -92,14 +92,18 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
 
 
 def weight_bytes_per_step(model: nn.Module) -> int:
-    """The bytes of weights one decode step reads: every parameter and buffer once, but the position embedding and an
-    untied token embedding only serve lookups of a few rows (a tied one is also the LM head, read whole)."""
+    """The bytes of weights one decode step reads: every parameter, buffer and packed int8 weight once, but the
+    position embedding and an untied token embedding only serve lookups of a few rows (a tied one is also the LM head,
+    read whole)."""
     lookups = {model.get_input_embeddings().weight.data_ptr()} | {
         module.weight.data_ptr() for name, module in model.named_modules() if name.endswith("wpe")}
     output = model.get_output_embeddings()
-    lookups -= {output.weight.data_ptr()} if isinstance(output.weight, torch.Tensor) else set()
+    output_weight = getattr(output, "weight", None)  # an Int8Linear head holds packed weights instead
+    lookups -= {output_weight.data_ptr()} if isinstance(output_weight, torch.Tensor) else set()
     tensors = {tensor.data_ptr(): tensor for tensor in [*model.parameters(), *model.buffers()]}
-    return sum(tensor.numel() * tensor.element_size() for pointer, tensor in tensors.items() if pointer not in lookups)
+    packed = sum(module.weight_bytes for module in model.modules() if isinstance(module, Int8Linear))
+    return packed + sum(tensor.numel() * tensor.element_size() for pointer, tensor in tensors.items()
+                        if pointer not in lookups)
 
 
 def gguf_weight_bytes(path: Path) -> int:
@@ -163,6 +167,7 @@ def deploy_table(bench: Bench, shape_name: str, shape) -> None:
         return
     new_tokens = 8 if bench.quick else 32
     rows, bandwidth = measure_deployments(bench.report, shape_name, shape, bench.repeats, new_tokens)
-    bench.report.add_table(f"{shape_name}: a 32-token prompt, then {new_tokens} new tokens; int8: int8 weights, bf16 "
-                           "activations (hf_minigpt.quantize); ceiling: the memory bandwidth a copy reaches here "
-                           f"({bandwidth / 1e9:.1f} GB/s) / the weight bytes read per token", DEPLOYMENT, rows)
+    bench.report.add_table(f"{shape_name}: a 32-token prompt, then {new_tokens} new tokens; int8: int8 weights, "
+                           "activations rounded to integers per token (hf_minigpt.quantize); ceiling: the memory "
+                           f"bandwidth a copy reaches here ({bandwidth / 1e9:.1f} GB/s) / the weight bytes read per "
+                           "token", DEPLOYMENT, rows)

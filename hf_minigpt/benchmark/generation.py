@@ -14,8 +14,8 @@ def measure_generation(shape, device, batch: int, new_tokens: int, cache: str, r
                    attention_mask=torch.ones_like(prompt), pad_token_id=0)
     if cache == "static":
         options["cache_implementation"] = "static"
-        if compile_:
-            options["compile_config"] = cpu_compile_config()  # on GPUs too: generate() would compile there anyway
+        if compile_ and device.type == "cpu":  # GPUs: generate() compiles a static cache by itself
+            options["compile_config"] = cpu_compile_config()
     timers = {}
     for name in ("minigpt", "gpt2"):
         model = build(name, config, device).eval()
