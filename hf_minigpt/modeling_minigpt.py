@@ -95,6 +95,7 @@ class MiniGPTAttention(nn.Module):
         self.q_proj = nn.Linear(config.n_embd, config.n_embd)
         self.k_proj = nn.Linear(config.n_embd, config.n_embd)
         self.v_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.qkv_proj: nn.Module | None = None  # int8 decoding puts them back into one product (hf_minigpt.quantize)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.writes_to_residual = True  # scaled init, see MiniGPTPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -108,9 +109,11 @@ class MiniGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         head_shape = (batch_size, seq_len, -1, self.head_dim)  # -1: the heads this rank holds
-        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
-        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
-        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qkv_proj is None:
+            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        else:
+            query, key, value = self.qkv_proj(hidden_states).chunk(3, dim=-1)
+        query, key, value = (states.view(head_shape).transpose(1, 2) for states in (query, key, value))  # B, nh, T, hs
 
         if cache is not None:
             # (B, nh, S, hs): cached keys, then these. A paged cache (continuous batching) also fills in `kwargs`

@@ -1,5 +1,5 @@
-"""Int8 weight-only decoding: what it costs in perplexity, that generate() runs it eagerly and compiled with a static
-cache, and the sampling CLI."""
+"""Int8 decoding: its products, what it costs in perplexity, that generate() runs it eagerly and compiled with a
+static cache, and the sampling CLI."""
 
 import copy
 import random
@@ -53,6 +53,28 @@ def test_int8_changes_perplexity_by_less_than_one_percent(trained):
     assert abs(after / before - 1) < 0.01
     assert isinstance(int8.lm_head, Int8Linear) and isinstance(int8.transformer.h[0].mlp.c_fc, Int8Linear)
     assert int8.transformer.wte.weight.dtype == torch.float32  # the embedding lookup stays exact
+
+
+def test_an_int8_product_is_integer_arithmetic_row_by_row():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    rows = torch.randn(5, 32) * torch.tensor([[0.01], [1], [3], [100], [1e4]])  # tokens of very different scales
+    int8 = Int8Linear(weight, bias)
+    row_scale = rows.abs().amax(1, keepdim=True) / 63  # 7-bit activations, one scale per row
+    weight_scale = weight.abs().amax(1) / 127  # int8 weights, one scale per output channel
+    integers = torch.round(rows / row_scale).double() @ torch.round(weight / weight_scale[:, None]).double().T
+    expected = integers * row_scale.double() * weight_scale.double() + bias.double()
+    torch.testing.assert_close(int8(rows).double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+    assert all(torch.equal(int8(rows[i:i + 1]), int8(rows)[i:i + 1]) for i in range(5))  # alone as in a batch
+    exact = torch.nn.functional.linear(rows, weight, bias)
+    assert ((int8(rows) - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.02
+
+
+def test_quantize_int8_refuses_what_it_cannot_run(model):
+    with pytest.raises(ValueError, match="has no MiniGPT transformer blocks to quantize"):
+        quantize_int8(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="runs on the CPU, and this model is on meta: quantize it on the CPU"):
+        quantize_int8(model.to("meta"))
 
 
 def test_int8_generate_eager_and_compiled_with_a_static_cache(model):
