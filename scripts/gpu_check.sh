@@ -4,7 +4,7 @@
 #   bf16        minigpt-pretrain steps in bf16 track the fp32 losses
 #   bench       minigpt-bench --device cuda at GPT-2 124M: tokens/s and MFU, and the compiled static-cache decode
 #   fsdp2       scripts/accelerate/fsdp.yaml on every visible GPU logs the losses of 1 GPU (same global batch)
-#   int8        the int8 weight-only decode (a CPU path: skipped on CUDA, said so)
+#   int8        the int8 decode (a CPU path: skipped on CUDA, said so)
 # Usage, from the repository root, in the project's environment (torch with CUDA):
 #   bash scripts/gpu_check.sh                 # on a CUDA machine
 #   bash scripts/gpu_check.sh --smoke         # tiny shapes on CPU: checks the script itself (tests/test_scale_out.py)
@@ -148,7 +148,7 @@ fsdp2() {
 
 int8() {
     if [ "$DEVICE" = cuda ]; then
-        echo "the int8 weight-only decode is a CPU path (torch's CPU kernels); not run on CUDA"
+        echo "the int8 decode is a CPU path (fbgemm, x86 CPUs); not run on CUDA"
         return 3
     fi
     "$PYTHON" -c 'import sys; from hf_minigpt.quantize import quantize_int8; print("int8 path imports")'
