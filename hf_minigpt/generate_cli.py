@@ -49,7 +49,8 @@ def main(argv=None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_k", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--int8", action="store_true", help="int8 projections: int8 weights and activations (hf_minigpt.quantize; x86 CPUs)")
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 projections: int8 weights and activations (hf_minigpt.quantize; x86 CPUs)")
     parser.add_argument("--compile", action="store_true", help="a static KV cache and a compiled decode step")
     parser.add_argument("--perplexity", metavar="FILE", help="instead of generating: the perplexity on this text "
                         "file, before and after --int8")

@@ -235,7 +235,8 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         # revisions, shards, dtypes, device maps and new heads work as for any checkpoint.
         source_type = cls.config_class.model_type
         if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
-            source_type = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)[0].get("model_type")
+            source_config = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)[0]
+            source_type = source_config.get("model_type")
         # (registered for this load only: saving reverts a model's conversions, and MiniGPT saves its own layout)
         register_checkpoint_conversion_mapping(cls.__name__, checkpoint_conversions(source_type), overwrite=True)
         try:

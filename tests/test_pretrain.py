@@ -458,8 +458,8 @@ def test_streamed_blocks_are_the_packed_blocks_in_order(tmp_path, tokenizer):
 def test_a_streamed_run_resumes_exactly(tmp_path, tiny_checkpoint):
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"the cat sat on the mat {i}\n" for i in range(400)))
-    common = ["--train_file", str(text), "--streaming", "--tokenizer_name", str(tiny_checkpoint), "--lr_scheduler_type",
-              "constant", "--num_warmup_steps", "0", "--checkpointing_steps", "4"]
+    common = ["--train_file", str(text), "--streaming", "--tokenizer_name", str(tiny_checkpoint),
+              "--lr_scheduler_type", "constant", "--num_warmup_steps", "0", "--checkpointing_steps", "4"]
     pretrain(*common, "--max_train_steps", "8", "--output_dir", str(tmp_path / "whole"))
     first = pretrain(*common, "--max_train_steps", "4", "--output_dir", str(tmp_path / "parts"))
     assert "Streamed blocks of 32 tokens" in first.stdout and "No validation set (streamed)" in first.stdout

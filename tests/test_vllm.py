@@ -132,9 +132,9 @@ def test_the_server_holds_32_concurrent_clients_and_answers_bad_requests_with_4x
 
 
 def test_minigpts_own_folder_runs_in_vllms_transformers_backend_at_tensor_parallel_size_2(folders):
-    """`vllm.LLM(folder, model_impl="transformers", trust_remote_code=True)`, MiniGPT's own code on vLLM's transformers,
-    sharded over two workers (the same path as one worker, and one engine start less in CI; minigpt-bench's serving
-    rows run it on one)."""
+    """`vllm.LLM(folder, model_impl="transformers", trust_remote_code=True)`, MiniGPT's own code on vLLM's
+    transformers, sharded over two workers (the same path as one worker, and one engine start less in CI;
+    minigpt-bench's serving rows run it on one)."""
     # One core per worker: this machine has one NUMA node, which vLLM would otherwise give to each.
     result = offline(folders["root"] / "minigpt", folders["prompts"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
                      model_impl="transformers", trust_remote_code=True, tensor_parallel_size=2)

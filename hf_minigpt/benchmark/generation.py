@@ -31,7 +31,8 @@ def generate_table(bench: Bench, shape_name: str, shape) -> None:
         return
     for cache in ("dynamic", "static"):
         for batch in (1, 8):
-            key = f"generate {shape_name} {cache}{'+compile' if cache == 'static' and bench.compile_ else ''} b={batch}"
+            compiled = "+compile" if cache == "static" and bench.compile_ else ""
+            key = f"generate {shape_name} {cache}{compiled} b={batch}"
             bench.report.say(key)
             results = measure_generation(shape, bench.device, batch, bench.new_tokens, cache, bench.repeats,
                                          bench.compile_ and cache == "static")

@@ -264,7 +264,8 @@ def keep_capped_kernels_apart() -> None:
     capability = os.environ.get("ATEN_CPU_CAPABILITY")
     # (Importing transformers already set the variable to the default: only a user's own choice is kept.)
     if capability and os.environ.get("TORCHINDUCTOR_CACHE_DIR", default_cache_dir()) == default_cache_dir():
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir(), f"minigpt-bench-inductor-{capability}"))
+        cache = Path(tempfile.gettempdir(), f"minigpt-bench-inductor-{capability}")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
 
 
 def native_bf16() -> bool:

@@ -77,7 +77,8 @@ def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, 
         return latencies
 
     engines = {"continuous batching": functools.partial(continuous_batching, model),
-               "continuous batching, int8": functools.partial(continuous_batching, quantize_int8(copy.deepcopy(model))),
+               "continuous batching, int8": functools.partial(continuous_batching,
+                                                              quantize_int8(copy.deepcopy(model))),
                "generate() one by one": one_by_one}
     for run in engines.values():
         run()  # warm-up: the paged cache is set up on the first call

@@ -103,8 +103,8 @@ def pieces(texts, column: str):
     if texts.features == PIECES:
         return texts  # read in pieces already
     description = {"desc": "Cutting documents into pieces"} if isinstance(texts, datasets.Dataset) else {}
-    return texts.select_columns([column]).map(split_documents, batched=True, batch_size=1, fn_kwargs={"column": column},
-                                              remove_columns=[column], **description)
+    return texts.select_columns([column]).map(split_documents, batched=True, batch_size=1,
+                                              fn_kwargs={"column": column}, remove_columns=[column], **description)
 
 
 # How a plain-text file falls into documents: at blank lines, or, in a file with none, at every line break. Prose keeps

@@ -73,7 +73,8 @@ def token_ids(texts, tokenizer, column: str, workers: int | None = None):
 
     def encode(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-        return {"input_ids": [[eos, *piece] if first else piece for piece, first in zip(ids, batch["starts_document"])]}
+        starts = batch["starts_document"]
+        return {"input_ids": [[eos, *piece] if first else piece for piece, first in zip(ids, starts)]}
 
     options = {"num_proc": workers, "desc": "Tokenizing"} if isinstance(texts, datasets.Dataset) else {}
     return pieces(texts, column).map(encode, batched=True, batch_size=64, remove_columns=["text", "starts_document"],
