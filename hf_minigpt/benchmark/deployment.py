@@ -1,9 +1,7 @@
 """Deployment: greedy decoding on a CPU, by every way this project offers to run a model there, each against its
 ceiling (the memory bandwidth measured in the same run over the weight bytes read per token)."""
 
-import math
 import tempfile
-import time
 from itertools import islice
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 from ..export.gguf import write_gguf
 from ..export.onnx import greedy_decode, write_onnx
 from ..quantize import Int8Linear, cpu_compile_config, quantize_int8
-from .runner import Bench, build, config_for, installed, interleaved, timer_of
+from .runner import Bench, best_seconds, build, config_for, installed, interleaved, timer_of
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
@@ -118,12 +116,7 @@ def memory_bandwidth() -> float:
     """Bytes per second that a large copy moves on this CPU, reading and writing, with torch's threads: best of 5."""
     source = torch.ones(64 * 2**20)  # 256 MB of fp32, far beyond any cache
     target = torch.empty_like(source)
-    target.copy_(source)
-    best = math.inf
-    for _ in range(5):
-        started = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - started)
+    best = best_seconds(lambda: target.copy_(source), torch.device("cpu"))
     return 2 * source.numel() * source.element_size() / best
 
 

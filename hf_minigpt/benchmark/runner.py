@@ -2,7 +2,6 @@
 the machine's description, and the report each table adds its rows to."""
 
 import importlib.util
-import json
 import os
 import platform
 import resource
@@ -21,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .. import MiniGPTConfig, MiniGPTForCausalLM
 from ..export import fused_qkv
 from ..export.gpt2 import minigpt_to_gpt2_state_dict
+from ..folders import write_json
 from .reference import NanoGPT
 
 
@@ -100,6 +100,13 @@ def timer_of(work, device):
         return time.perf_counter() - started
 
     return timer
+
+
+def best_seconds(work, device, repeats: int = 5) -> float:
+    """The fastest of `repeats` runs of `work`, after one that warms up."""
+    work()
+    timer = timer_of(work, device)
+    return min(timer() for _ in range(repeats))
 
 
 def interleaved_runs(work: dict, repeats: int) -> dict[str, list]:
@@ -224,8 +231,7 @@ class Report:
             self.rows.append(row)
             print("    " + row[0] + ": " + " | ".join(cell for cell in row[1:] if cell not in ("", "n/a")), flush=True)
         if self.path:
-            with open(self.path, "w") as handle:
-                json.dump(self.data, handle, indent=2)
+            write_json(self.path, self.data)
 
 
 def ratio(results: dict, key: str, other: str) -> str:

@@ -3,10 +3,8 @@ step, for the three models."""
 
 import functools
 import json
-import math
 import subprocess
 import sys
-import time
 from contextlib import nullcontext
 
 import torch
@@ -17,6 +15,7 @@ from .runner import (
     Bench,
     adamw,
     batch_shape,
+    best_seconds,
     build,
     config_for,
     interleaved,
@@ -103,15 +102,7 @@ def device_peak_flops(device, dtype: str) -> tuple[float, str]:
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=torch_dtype), torch.randn(n, n, device=device, dtype=torch_dtype)
-    a @ b
-    best = math.inf
-    for _ in range(5):
-        synchronize(device)
-        started = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - started)
-    return 2 * n**3 / best, f"measured {n}x{n} matmul"
+    return 2 * n**3 / best_seconds(lambda: a @ b, device), f"measured {n}x{n} matmul"
 
 
 def train_table(bench: Bench, shape_name: str, shape) -> None:
