@@ -302,8 +302,8 @@ def train(settings: PretrainSettings, accelerator) -> dict:
     if accelerator.is_main_process:
         save_settings(settings)  # as resolved
     run = TrainingRun(
-        accelerator, settings.run, settings.optimization, model, tokenizer, train_loader(train_blocks, batch_size),
-        eval_loader,
+        accelerator, settings.run, settings.optimization, model, tokenizer,
+        train_loader(train_blocks, batch_size), eval_loader,
         geometry={"block_size": block_size}, unit="tokens", items_per_batch=batch_size * block_size,
         name="minigpt-pretrain",
     )

@@ -106,12 +106,12 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise ValueError("int8 decoding runs on x86 CPUs (PyTorch's fbgemm kernels), which this PyTorch build "
                          f"lacks (it has: {', '.join(torch.backends.quantized.supported_engines)}).")
-    device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise ValueError(f"int8 decoding runs on the CPU, and this model is on {device}: quantize it on the CPU.")
     attentions = [module for module in model.modules() if isinstance(module, MiniGPTAttention)]
     if not attentions:
         raise ValueError(f"{type(model).__name__} has no MiniGPT transformer blocks to quantize.")
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise ValueError(f"int8 decoding runs on the CPU, and this model is on {device}: quantize it on the CPU.")
     model.eval()
     for attention in attentions:
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]

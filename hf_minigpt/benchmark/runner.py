@@ -282,7 +282,8 @@ def native_bf16() -> bool:
 def cpu_description() -> str:
     """The CPU model, the vector instruction sets that decide matmul speed, and the threads torch uses."""
     model = cpuinfo("model name") or platform.processor() or platform.machine()
-    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}
+    names = {"avx2": "AVX2", "avx_vnni": "AVX-VNNI", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI",
+             "avx512_bf16": "AVX-512 BF16", "amx_tile": "AMX"}  # VNNI: the int8 products
     flags = set(cpuinfo("flags").split())
     sets = ", ".join(name for flag, name in names.items() if flag in flags) or "no AVX2"
     # ATEN_CPU_CAPABILITY (with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS) can hold PyTorch to fewer of them.

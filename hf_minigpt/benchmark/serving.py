@@ -46,10 +46,9 @@ def serving_summary(runs: list[list[float]], tokens: int) -> dict:
 def measure_serving(shape, device, new_tokens: int, repeats: int, prompts: int, vllm_python: Path | None) -> dict:
     """Greedy decoding of `prompts` mixed prompts that all arrive at once, `new_tokens` each: transformers' continuous
     batching (`generate_batch`, a paged KV cache), the same with int8 weights (`hf_minigpt.quantize`) and `generate()`
-    one prompt after another, interleaved; then, where
-    vLLM's CPU build is installed (`vllm_python`), vLLM on MiniGPT's GPT-2 export and on the MiniGPT folder itself
-    (its Transformers backend), each in a process of its own. A request's latency runs from the arrival of all
-    prompts to its last token."""
+    one prompt after another, interleaved; then, where vLLM's CPU build is installed (`vllm_python`), vLLM on
+    MiniGPT's GPT-2 export and on the MiniGPT folder itself (its Transformers backend), each in a process of its own.
+    A request's latency runs from the arrival of all prompts to its last token."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     config = config_for(shape)

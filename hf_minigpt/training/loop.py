@@ -145,8 +145,7 @@ class TrainingRun:
     """One run of optimizer steps over prepared objects; `state` (a `TrainingState`) is where it stands."""
 
     def __init__(self, accelerator, run_settings: RunSettings, optimization: OptimizationSettings, model, tokenizer,
-                 train_loader, eval_loader, *, geometry: dict,
-                 unit: str, items_per_batch: int, name: str):
+                 train_loader, eval_loader, *, geometry: dict, unit: str, items_per_batch: int, name: str):
         self.accelerator, self.tokenizer, self.unit = accelerator, tokenizer, unit
         self.run_settings, self.optimization = run_settings, optimization
         self.name = name
