@@ -363,7 +363,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Training a GPT spends most of its memory on the (tokens, vocab) logits and their fp32 copies. Here one
     chunk's logits exist at a time: its loss and both gradients are computed in the forward pass (the idea of
-    Liger-Kernel's fused linear cross-entropy), and backward only scales the stored gradients. Without
+    Liger-Kernel's fused linear cross-entropy), and backward only hands them over, scaled. Without
     `with_grads` (evaluation) only the loss is computed.
     """
 
@@ -385,8 +385,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         log_probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         if with_grads:
-            grad_hidden = torch.empty_like(matmul_hidden)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_hidden, grad_weight = torch.empty_like(matmul_hidden), None
         for start in range(0, hidden.shape[0], chunk_rows):
             chunk = slice(start, start + chunk_rows)
             rows = matmul_hidden[chunk]
@@ -401,19 +400,29 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = grad_logits.to(dtype)
             torch.mm(grad_logits, matmul_weight, out=grad_hidden[chunk]).mul_(row_weight[chunk])
             scaled_rows = (rows * row_weight[chunk]).to(dtype)
-            if dtype == torch.float32:
+            if grad_weight is None:  # the first chunk's product starts the sum: no (vocab, n_embd) zeros to fill
+                grad_weight = (grad_logits.T @ scaled_rows).float()
+            elif dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.T, scaled_rows)
             else:  # a low-precision product, summed over the chunks in fp32
                 grad_weight += grad_logits.T @ scaled_rows
         if with_grads:
-            ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype))
+            # Kept on ctx rather than saved, so that backward can hand them over: autograd then adds the tied
+            # embedding's gradient into them in place instead of into a new (vocab, n_embd) tensor.
+            ctx.grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
         return loss / num_items
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_loss.to(grad_hidden.dtype)
-        return grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype), None, None, None, None
+        if not hasattr(ctx, "grads"):
+            raise RuntimeError("The loss of `skip_logits=True` hands its gradients over once: it cannot backward "
+                               "twice (retain_graph=True); compute the loss again, or use the plain loss.")
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # loss.backward() passes 1: nothing to scale
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shift_labels=None, **kwargs):

@@ -278,8 +278,9 @@ class TestSkipLogits:
         hidden = model.transformer(input_ids).last_hidden_state
         return model.loss_function(model.lm_head(hidden), labels, vocab_size=model.config.vocab_size, **kwargs)
 
+    @pytest.mark.parametrize("loss_scale", [1.0, 0.25])  # 0.25: gradient accumulation divides the loss
     @pytest.mark.parametrize("num_items_in_batch", [None, 37])
-    def test_loss_and_gradients_equal_the_full_logits_ones(self, model, monkeypatch, num_items_in_batch):
+    def test_loss_and_gradients_equal_the_full_logits_ones(self, model, monkeypatch, num_items_in_batch, loss_scale):
         import hf_minigpt.modeling_minigpt as modeling
 
         monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5-row chunks
@@ -289,23 +290,32 @@ class TestSkipLogits:
         labels[0, :4] = -100  # ignored positions
         out = model(input_ids, labels=labels, num_items_in_batch=num_items_in_batch, skip_logits=True)
         assert out.logits is None
-        out.loss.backward()
+        (out.loss * loss_scale).backward()
         chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
         model.zero_grad()
         reference = self.reference(model, input_ids, labels, num_items_in_batch=num_items_in_batch)
-        reference.backward()
+        (reference * loss_scale).backward()
         torch.testing.assert_close(out.loss, reference, atol=1e-6, rtol=1e-6)
         for name, p in model.named_parameters():
             torch.testing.assert_close(chunked[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
-    def test_bf16_autocast_stays_close(self, model):
+    def test_bf16_autocast_stays_close(self, model, monkeypatch):
+        import hf_minigpt.modeling_minigpt as modeling
+
+        monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5-row chunks
         model.train()
         input_ids = torch.randint(3, 21, (2, 16), generator=torch.Generator().manual_seed(1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids, labels=input_ids, skip_logits=True).loss
+        loss.backward()
+        embedding_grad = model.transformer.wte.weight.grad.clone()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
             reference = self.reference(model, input_ids, input_ids)
+        reference.backward()
         assert loss.dtype == torch.float32
         torch.testing.assert_close(loss, reference.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(embedding_grad, model.transformer.wte.weight.grad, atol=2e-3, rtol=5e-2)
 
     def test_without_it_a_training_forward_with_labels_returns_logits(self, model):
         """transformers' contract (its GPT-2 tests read `logits` from a train-mode forward with labels)."""
@@ -322,6 +332,13 @@ class TestSkipLogits:
             full = model(input_ids, labels=input_ids)
         assert skipped.logits is None
         torch.testing.assert_close(skipped.loss, full.loss, atol=1e-6, rtol=1e-6)
+
+    def test_a_second_backward_is_refused_in_words(self, model):
+        input_ids = torch.tensor([[3, 4, 5, 6]])
+        loss = model.train()(input_ids, labels=input_ids, skip_logits=True).loss
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="cannot backward twice"):
+            loss.backward()
 
     def test_it_needs_labels(self, model):
         with pytest.raises(ValueError, match="pass `labels` too"):
