@@ -326,6 +326,9 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
         batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if batch_size == 0 or seq_len == 0:
+            raise ValueError(f"The input holds no tokens (batch {batch_size}, sequence length {seq_len}): pass at "
+                             "least one token per sequence.")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:  # (not a prepared BlockMask)
             if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < past_length + seq_len:
                 raise ValueError(

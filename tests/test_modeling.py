@@ -252,6 +252,12 @@ class TestBadInput:
         with pytest.raises(ValueError, match=r"Sequence length 33 \(cached 30 \+ new 3\)"):
             model(torch.full((1, 3), 3), cache=cache, use_cache=True)
 
+    def test_no_tokens(self, model):
+        with pytest.raises(ValueError, match=r"holds no tokens \(batch 1, sequence length 0\)"):
+            model(torch.zeros(1, 0, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"holds no tokens \(batch 0, sequence length 4\)"):
+            model(inputs_embeds=torch.zeros(0, 4, 32))
+
     def test_attention_mask_of_the_wrong_shape(self, model):
         with pytest.raises(ValueError, match=r"`attention_mask` has shape \(1, 3\).* expected \(2, 4\)"):
             model(ids([3, 4, 5, 6], [3, 4, 5, 6]), attention_mask=ids([1, 1, 1]))
