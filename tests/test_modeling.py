@@ -280,16 +280,21 @@ class TestBadInput:
 class TestSkipLogits:
     """`skip_logits=True`: the loss comes from the hidden states a chunk at a time; it must equal the plain one."""
 
+    @pytest.fixture
+    def five_row_chunks(self, model, monkeypatch):
+        """Losses computed 5 rows at a time, so that the tests' few rows pass through several chunks."""
+        import hf_minigpt.modeling_minigpt as modeling
+
+        monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)
+
     def reference(self, model, input_ids, labels, **kwargs):
         hidden = model.transformer(input_ids).last_hidden_state
         return model.loss_function(model.lm_head(hidden), labels, vocab_size=model.config.vocab_size, **kwargs)
 
     @pytest.mark.parametrize("loss_scale", [1.0, 0.25])  # 0.25: gradient accumulation divides the loss
     @pytest.mark.parametrize("num_items_in_batch", [None, 37])
-    def test_loss_and_gradients_equal_the_full_logits_ones(self, model, monkeypatch, num_items_in_batch, loss_scale):
-        import hf_minigpt.modeling_minigpt as modeling
-
-        monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5-row chunks
+    def test_loss_and_gradients_equal_the_full_logits_ones(self, model, five_row_chunks, num_items_in_batch,
+                                                           loss_scale):
         model.train()
         input_ids = torch.randint(3, 21, (3, 9), generator=torch.Generator().manual_seed(0))
         labels = input_ids.clone()
@@ -305,10 +310,7 @@ class TestSkipLogits:
         for name, p in model.named_parameters():
             torch.testing.assert_close(chunked[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
-    def test_bf16_autocast_stays_close(self, model, monkeypatch):
-        import hf_minigpt.modeling_minigpt as modeling
-
-        monkeypatch.setattr(modeling, "LOSS_CHUNK_ELEMENTS", 5 * model.config.vocab_size)  # 5-row chunks
+    def test_bf16_autocast_stays_close(self, model, five_row_chunks):
         model.train()
         input_ids = torch.randint(3, 21, (2, 16), generator=torch.Generator().manual_seed(1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
