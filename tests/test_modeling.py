@@ -22,6 +22,7 @@ from hf_minigpt import (
     MiniGPTForTokenClassification,
     MiniGPTModel,
 )
+from hf_minigpt.modeling_minigpt import MiniGPTLinear
 
 from conftest import tiny_config
 
@@ -153,6 +154,40 @@ def test_incremental_decoding_with_cache_equals_full_forward(model):
         steps.append(model(input_ids[:, t:t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.get_seq_length() == 8
+
+
+class TestProductsOfAFewRows:
+    """A product of 4 to 12 fp32 rows on the CPU is taken in blocks of 128 output features: the same numbers."""
+
+    @pytest.mark.parametrize("bias", [True, False])
+    @pytest.mark.parametrize("rows", [1, 4, 12, 13])
+    def test_equal_the_plain_product_with_gradients(self, rows, bias):
+        torch.manual_seed(0)
+        linear = MiniGPTLinear(32, 2 * MiniGPTLinear.BLOCK + 5, bias=bias)  # two whole blocks and a rest
+        x = torch.randn(rows, 1, 32, requires_grad=True)
+        assert linear.takes_blocks(x) == (4 <= rows <= 12)
+        results = []
+        for product in (linear, lambda x: torch.nn.functional.linear(x, linear.weight, linear.bias)):
+            output = product(x)
+            upstream = torch.linspace(-1, 1, output.numel()).view_as(output)
+            results.append([output, *torch.autograd.grad(output, [x, *linear.parameters()], upstream)])
+        for blocked, plain in zip(*results):
+            torch.testing.assert_close(blocked, plain)
+
+    def test_greedy_decoding_of_a_batch_gives_the_same_tokens(self, monkeypatch):
+        torch.manual_seed(0)
+        model = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300)).eval()  # c_fc 256 features, lm_head 300
+        prompt = torch.randint(2, 300, (4, 5), generator=torch.Generator().manual_seed(0))
+        options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=1)
+        blocked_calls = []
+        takes_blocks = MiniGPTLinear.takes_blocks
+        monkeypatch.setattr(MiniGPTLinear, "takes_blocks", lambda self, x: blocked_calls.append(takes_blocks(self, x))
+                            or blocked_calls[-1])
+        blocked = model.generate(prompt, **options)
+        # Each of the 5 one-token steps: every c_fc (256 features) and the head (300); the prompt's forward: the head
+        assert sum(blocked_calls) == 5 * (model.config.n_layer + 1) + 1
+        monkeypatch.setattr(MiniGPTLinear, "BLOCKED_ROWS", (0, -1))
+        assert torch.equal(model.generate(prompt, **options), blocked)
 
 
 def test_left_padding_with_position_ids_equals_unpadded(model):
