@@ -79,7 +79,7 @@ class MiniGPTLinear(nn.Linear):
     """`nn.Linear`, with the product of a few fp32 rows on the CPU taken in blocks of output features.
 
     Decoding a batch multiplies one row per sequence by every weight. For 4 to 12 rows, MKL's `x @ W^T` (nn.Linear's
-    layout) runs at about 0.7x the speed of `x @ W` (GPT-2's Conv1D layout), and at about half the speed of one
+    layout) runs at about 0.7x the speed of `x @ W` (GPT-2's Conv1D layout), and at 0.55-0.7x the speed of one
     batched product over views of W, 128 output features each (Intel Xeon with AVX-512, docs/deployment.md). The
     weight, its layout and its checkpoints stay nn.Linear's; only the kernel differs.
     """
@@ -90,17 +90,18 @@ class MiniGPTLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.takes_blocks(input):
             return super().forward(input)
-        rows = input.reshape(-1, self.in_features)
-        n_blocks = self.weight.shape[0] // self.BLOCK
+        out_features, in_features = self.weight.shape  # this rank's shard, under tensor parallelism
+        n_blocks = out_features // self.BLOCK
         blocked = n_blocks * self.BLOCK  # the output features in whole blocks
-        weight_blocks = self.weight[:blocked].view(n_blocks, self.BLOCK, self.in_features).transpose(1, 2)
+        rows = input.reshape(-1, in_features)
+        weight_blocks = self.weight[:blocked].view(n_blocks, self.BLOCK, in_features).transpose(1, 2)
         if self.bias is None:
             output = torch.bmm(rows.expand(n_blocks, -1, -1), weight_blocks)
         else:
             bias_blocks = self.bias[:blocked].view(n_blocks, 1, self.BLOCK)
             output = torch.baddbmm(bias_blocks, rows.expand(n_blocks, -1, -1), weight_blocks)
         output = output.transpose(0, 1).reshape(len(rows), blocked)  # (blocks, rows, BLOCK) -> (rows, features)
-        if blocked < self.weight.shape[0]:  # the rest (a vocabulary's last features) in one plain product
+        if blocked < out_features:  # the rest (a vocabulary's last features) in one plain product
             rest = F.linear(rows, self.weight[blocked:], None if self.bias is None else self.bias[blocked:])
             output = torch.cat([output, rest], dim=-1)
         return output.view(*input.shape[:-1], -1)
@@ -109,7 +110,7 @@ class MiniGPTLinear(nn.Linear):
         # (cheapest test first: this runs for every projection of every decoding step)
         fewest, most = self.BLOCKED_ROWS
         return (
-            fewest <= input.numel() // self.in_features <= most
+            fewest <= input.numel() // input.shape[-1] <= most
             and input.is_cpu
             and input.dtype == torch.float32  # in bf16 the plain product is faster at every row count
             and type(self.weight) is nn.Parameter  # not a tensor subclass (a DTensor shard, a quantized weight)
