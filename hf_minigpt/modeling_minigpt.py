@@ -11,6 +11,7 @@ next to the weights, and the folder then loads with `trust_remote_code=True` whe
 
 import functools
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -75,42 +76,72 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
-class MiniGPTLinear(nn.Linear):
-    """`nn.Linear`, with the product of a few fp32 rows on the CPU taken in blocks of output features.
+def linear_in_blocks(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int) -> torch.Tensor:
+    """`F.linear(input, weight, bias)` as one batched product over views of `block` output features each (and the
+    last features, if they do not fill a block, in one plain product)."""
+    out_features, in_features = weight.shape
+    n_blocks = out_features // block
+    blocked = n_blocks * block  # the output features in whole blocks
+    rows = input.reshape(-1, in_features)
+    weight_blocks = weight[:blocked].view(n_blocks, block, in_features).transpose(1, 2)
+    if bias is None:
+        output = torch.bmm(rows.expand(n_blocks, -1, -1), weight_blocks)
+    else:
+        output = torch.baddbmm(bias[:blocked].view(n_blocks, 1, block), rows.expand(n_blocks, -1, -1), weight_blocks)
+    output = output.transpose(0, 1).reshape(len(rows), blocked)  # (blocks, rows, block) -> (rows, features)
+    if blocked < out_features:
+        rest = F.linear(rows, weight[blocked:], None if bias is None else bias[blocked:])
+        output = torch.cat([output, rest], dim=-1)
+    return output.view(*input.shape[:-1], out_features)
 
-    Decoding a batch multiplies one row per sequence by every weight. For 4 to 12 rows, MKL's `x @ W^T` (nn.Linear's
-    layout) runs at about 0.7x the speed of `x @ W` (GPT-2's Conv1D layout), and at 0.55-0.7x the speed of one
-    batched product over views of W, 128 output features each (Intel Xeon with AVX-512, docs/deployment.md). The
-    weight, its layout and its checkpoints stay nn.Linear's; only the kernel differs.
+
+@functools.cache
+def few_rows_run_faster_in_blocks(block: int = 128) -> bool:
+    """Whether this CPU's BLAS multiplies 8 rows by a GPT-2-sized weight clearly faster in blocks, timed once per
+    process (about 20 ms). It depends on the kernels the BLAS picks, not on the model: MKL's AVX-512 kernels are
+    faster in blocks (1.4x on an Intel Xeon), its AVX2 kernels slower (0.8x, the same Xeon held to AVX2)."""
+    weight = torch.full((24 * block, 768), 0.01, dtype=torch.float32, device="cpu")
+    rows = torch.full((8, 768), 0.01, dtype=torch.float32, device="cpu")
+    products = {"plain": lambda: F.linear(rows, weight), "blocks": lambda: linear_in_blocks(rows, weight, None, block)}
+    fastest = dict.fromkeys(products, math.inf)
+    with torch.no_grad():
+        for _ in range(6):  # interleaved; the first round warms up
+            for name, product in products.items():
+                start = time.perf_counter()
+                product()
+                fastest[name] = min(fastest[name], time.perf_counter() - start)
+    return fastest["blocks"] < 0.9 * fastest["plain"]
+
+
+class MiniGPTLinear(nn.Linear):
+    """`nn.Linear`, with the product of a few fp32 rows on the CPU taken in blocks of output features where that is
+    faster.
+
+    Decoding a batch multiplies one row per sequence by every weight. For 4 to 12 rows, MKL's AVX-512 `x @ W^T`
+    (nn.Linear's layout) runs at about 0.7x the speed of `x @ W` (GPT-2's Conv1D layout), and at 0.55-0.7x the speed
+    of one batched product over views of W, 128 output features each (Intel Xeon, docs/deployment.md). Other
+    kernels differ (MKL's AVX2 ones are faster without blocks), so each process times the two once. The weight, its
+    layout and its checkpoints stay nn.Linear's; only the kernel differs.
     """
 
     BLOCK = 128
     BLOCKED_ROWS = (4, 12)  # the fewest and the most; outside, the plain product is as fast or faster (1 to 64 tried)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.faster_in_blocks = few_rows_run_faster_in_blocks(self.BLOCK)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.takes_blocks(input):
-            return super().forward(input)
-        out_features, in_features = self.weight.shape  # this rank's shard, under tensor parallelism
-        n_blocks = out_features // self.BLOCK
-        blocked = n_blocks * self.BLOCK  # the output features in whole blocks
-        rows = input.reshape(-1, in_features)
-        weight_blocks = self.weight[:blocked].view(n_blocks, self.BLOCK, in_features).transpose(1, 2)
-        if self.bias is None:
-            output = torch.bmm(rows.expand(n_blocks, -1, -1), weight_blocks)
-        else:
-            bias_blocks = self.bias[:blocked].view(n_blocks, 1, self.BLOCK)
-            output = torch.baddbmm(bias_blocks, rows.expand(n_blocks, -1, -1), weight_blocks)
-        output = output.transpose(0, 1).reshape(len(rows), blocked)  # (blocks, rows, BLOCK) -> (rows, features)
-        if blocked < out_features:  # the rest (a vocabulary's last features) in one plain product
-            rest = F.linear(rows, self.weight[blocked:], None if self.bias is None else self.bias[blocked:])
-            output = torch.cat([output, rest], dim=-1)
-        return output.view(*input.shape[:-1], -1)
+        if self.takes_blocks(input):
+            return linear_in_blocks(input, self.weight, self.bias, self.BLOCK)
+        return super().forward(input)
 
     def takes_blocks(self, input: torch.Tensor) -> bool:
         # (cheapest test first: this runs for every projection of every decoding step)
         fewest, most = self.BLOCKED_ROWS
         return (
-            fewest <= input.numel() // input.shape[-1] <= most
+            self.faster_in_blocks
+            and fewest <= input.numel() // input.shape[-1] <= most
             and input.is_cpu
             and input.dtype == torch.float32  # in bf16 the plain product is faster at every row count
             and type(self.weight) is nn.Parameter  # not a tensor subclass (a DTensor shard, a quantized weight)
