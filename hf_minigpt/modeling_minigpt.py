@@ -96,10 +96,10 @@ def linear_in_blocks(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 
 @functools.cache
-def few_rows_run_faster_in_blocks(block: int = 128) -> bool:
+def few_rows_run_faster_in_blocks(block: int) -> bool:
     """Whether this CPU's BLAS multiplies 8 rows by a GPT-2-sized weight clearly faster in blocks, timed once per
-    process (about 20 ms). It depends on the kernels the BLAS picks, not on the model: MKL's AVX-512 kernels are
-    faster in blocks (1.4x on an Intel Xeon), its AVX2 kernels slower (0.8x, the same Xeon held to AVX2)."""
+    process (about 10 ms). It depends on the kernels the BLAS picks, not on the model: MKL's AVX-512 kernels are
+    faster in blocks (1.5x on an Intel Xeon), its AVX2 kernels slower (0.85x, the same Xeon held to AVX2)."""
     weight = torch.full((24 * block, 768), 0.01, dtype=torch.float32, device="cpu")
     rows = torch.full((8, 768), 0.01, dtype=torch.float32, device="cpu")
     products = {"plain": lambda: F.linear(rows, weight), "blocks": lambda: linear_in_blocks(rows, weight, None, block)}
