@@ -105,7 +105,7 @@ def few_rows_run_faster_in_blocks(block: int) -> bool:
     products = {"plain": lambda: F.linear(rows, weight), "blocks": lambda: linear_in_blocks(rows, weight, None, block)}
     fastest = dict.fromkeys(products, math.inf)
     with torch.no_grad():
-        for _ in range(6):  # interleaved; the first round warms up
+        for _ in range(6):  # interleaved, best of 6 (the first, cold, round does not win)
             for name, product in products.items():
                 start = time.perf_counter()
                 product()
@@ -165,7 +165,7 @@ class MiniGPTAttention(nn.Module):
 
         # GPT-2 computes q, k and v in one fused projection, `c_attn`. Three projections shard by heads with plain
         # column-parallel styles, in transformers' tensor parallelism and in serving engines alike; checkpoints that
-        # store `c_attn` are split on load (see `fused_qkv_conversions`).
+        # store `c_attn` are split on load (see `checkpoint_conversions`).
         self.q_proj = MiniGPTLinear(config.n_embd, config.n_embd)
         self.k_proj = MiniGPTLinear(config.n_embd, config.n_embd)
         self.v_proj = MiniGPTLinear(config.n_embd, config.n_embd)
