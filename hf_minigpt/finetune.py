@@ -22,9 +22,9 @@ from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
 from .hub import push_after_training
-from .folders import RunFolder, atomic_file, save_model_folder
+from .folders import RunFolder, atomic_file, model_source_problem, save_model_folder
 from .tasks import METRICS, SingleLabel, Task
-from .training.checkpoint import load_whole_weights
+from .training.checkpoint import gathered_model, load_whole_weights
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
 from .training.loop import TrainingRun
 from .training.report import evaluated_on, file_names, optimization_rows, pyplot, write_model_card
@@ -34,7 +34,6 @@ from .training.settings import (
     HubSettings,
     OptimizationSettings,
     RunSettings,
-    model_source_problem,
     parse,
     save_settings,
     setting,
@@ -229,7 +228,9 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
         if best is None or (metrics[metric] > best[metric] if METRICS[metric] else metrics[metric] < best[metric]):
             extra["best"] = {**metrics, "epoch": epoch}
             extra["epochs_without_improvement"] = 0
-            save_model_folder(best_folder, run.model, tokenizer, accelerator=accelerator, existing="replace")
+            model, state_dict = gathered_model(run.model, accelerator)
+            save_model_folder(best_folder, model, tokenizer, state_dict=state_dict, accelerator=accelerator,
+                              existing="replace")
         else:
             extra["epochs_without_improvement"] += 1
         patience = classification.early_stopping_patience

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-import torch
-from torch.distributed.fsdp import FSDPModule
 
 CONFIG = "config.json"  # transformers' name; a folder that has it holds a whole model
 
@@ -163,39 +161,49 @@ def publish(scratch: Path, destination: Path, merge: bool) -> None:
 # Model folders
 
 
-def save_model(folder, model, tokenizer=None, accelerator=None) -> None:
-    """`save_pretrained` of the model (weights, config with `auto_map` and source, generation config) and of the
-    tokenizer, into a folder being written. With an `accelerator`, the model may be wrapped by DDP, torch.compile,
-    or FSDP2, whose full weights exist only once gathered: every process must call this."""
-    if accelerator is None:
-        model.save_pretrained(folder)
-    else:
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
-            unsharded(accelerator.unwrap_model(model, keep_torch_compile=False)).save_pretrained(
-                folder, state_dict=state_dict)
-    if tokenizer is not None and (accelerator is None or accelerator.is_main_process):
-        tokenizer.save_pretrained(folder)
-
-
-def unsharded(model):
-    """`model` as its own class. FSDP2 makes a sharded `MiniGPTForCausalLM` an `FSDPMiniGPTForCausalLM`, which
-    `save_pretrained` would write into the config's `auto_map`, copying torch's source instead of the model's: an
-    empty shell of the model's class (on the meta device) saves the gathered weights instead."""
-    if not isinstance(model, FSDPModule):
-        return model
-    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
-    with torch.device("meta"):
-        shell = model_class(model.config)
-    if model.can_generate():
-        shell.generation_config = model.generation_config
-    return shell
-
-
-def save_model_folder(destination, model, tokenizer=None, *, accelerator=None,
+def save_model_folder(destination, model, tokenizer=None, *, state_dict=None, accelerator=None,
                       existing: Literal["refuse", "replace", "merge"] = "refuse"):
-    """A model folder, written whole: the one way every command writes a model."""
+    """A model folder, written whole: the one way every command writes a model (`save_pretrained`: weights, config
+    with `auto_map` and source, generation config; and the tokenizer). With an `accelerator`, every process calls
+    this and the main one writes `state_dict`, gathered by `training.checkpoint.gathered_model`."""
     with atomic_folder(destination, existing, accelerator) as scratch:
-        save_model(scratch, model, tokenizer, accelerator)
+        if accelerator is None or accelerator.is_main_process:
+            model.save_pretrained(scratch, state_dict=state_dict)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(scratch)
     return Path(destination)
+
+
+def model_source_problem(name: str | None, flag: str) -> str | None:
+    """What is wrong with a model folder or hub id, said at once rather than after a minute of retries. A hub id
+    in the local cache needs no network, as in `from_pretrained`; offline (HF_HUB_OFFLINE=1), only the cache is
+    asked."""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG).is_file() and not (path / "tokenizer_config.json").is_file():
+            return f"{flag} {name} is a folder but holds no model (no {CONFIG})"
+        return None
+    if path.exists():
+        return f"{flag} {name} is a file; give the folder that holds the model"
+    first = Path(name).parts[0] if Path(name).parts else name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(first).is_dir():
+        return f"{flag} {name}: no such folder"
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, CONFIG), str):
+            return None
+    except HFValidationError:
+        return f"{flag} {name}: no such folder here, and not a hub id"
+    if constants.HF_HUB_OFFLINE:
+        return f"{flag} {name}: no such folder here, nor in the local cache of hub models (HF_HUB_OFFLINE is set)"
+    try:
+        model_info(name, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError):
+        return f"{flag} {name}: no such folder here, and no such model on the hub"
+    except Exception as error:  # DNS, timeouts, proxies: one line that says so
+        return f"{flag} {name}: no such folder here, and the hub could not give it ({error})"
+    return None

@@ -3,6 +3,9 @@
     minigpt-generate runs/lang --prompt "Python" --greedy
     minigpt-generate runs/lang --prompt "Python" --int8 --compile      # the fast CPU decode
     minigpt-generate runs/lang --int8 --perplexity held_out.txt        # what int8 costs in perplexity
+
+fp32 decoding takes the products this CPU runs faster, where a rule names it (hf_minigpt.cpu_kernels; same tokens);
+--plain_kernels keeps nn.Linear's.
 """
 
 import argparse
@@ -13,9 +16,10 @@ import torch
 from transformers import AutoTokenizer
 
 from .cli import ArgumentParser, quiet_loading
+from .cpu_kernels import use_cpu_kernels
+from .folders import model_source_problem
 from .modeling_minigpt import MiniGPTForCausalLM
 from .quantize import cpu_compile_config, quantize_int8
-from .training.settings import model_source_problem
 
 
 @torch.no_grad()
@@ -52,6 +56,8 @@ def main(argv=None) -> None:
     parser.add_argument("--int8", action="store_true",
                         help="int8 projections: int8 weights and activations (hf_minigpt.quantize; x86 CPUs)")
     parser.add_argument("--compile", action="store_true", help="a static KV cache and a compiled decode step")
+    parser.add_argument("--plain_kernels", action="store_true",
+                        help="nn.Linear's products even where hf_minigpt.cpu_kernels has faster ones for this CPU")
     parser.add_argument("--perplexity", metavar="FILE", help="instead of generating: the perplexity on this text "
                         "file, before and after --int8")
     args = parser.parse_args(argv)
@@ -80,6 +86,8 @@ def main(argv=None) -> None:
 
     if args.int8:
         quantize_int8(model)
+    elif not args.plain_kernels:
+        use_cpu_kernels(model)
     prompt = torch.tensor([start_of_text(tokenizer, args.prompt)])
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
     options = {"do_sample": False} if args.greedy else sampling

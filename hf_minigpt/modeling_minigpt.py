@@ -1,17 +1,15 @@
 """MiniGPT: the GPT-2 decoder (Radford et al., 2019) as a native `transformers` model.
 
-Reads top to bottom like the paper: attention -> MLP -> block -> model -> heads. Parameter names are
-GPT-2's own (`wte`, `wpe`, `h.N.attn.c_proj`, ...) with two differences, which the loader converts: the
-projections are `nn.Linear` rather than GPT-2's transposed `Conv1D`, and q, k and v are three projections
-(`q_proj`, `k_proj`, `v_proj`) rather than GPT-2's fused `c_attn`.
+Reads top to bottom like the paper: attention -> MLP -> block -> model -> heads. Parameter names are GPT-2's own
+(`wte`, `wpe`, `h.N.attn.c_proj`, ...), with two differences that the loader converts (conversion_minigpt.py): the
+projections are `nn.Linear` rather than GPT-2's transposed `Conv1D`, and q, k and v are three projections rather than
+GPT-2's fused `c_attn`.
 
-This file imports nothing from `hf_minigpt` but its configuration: `save_pretrained` copies both files
-next to the weights, and the folder then loads with `trust_remote_code=True` where `hf_minigpt` is absent.
+This file imports nothing from `hf_minigpt` but its sibling modules, which `save_pretrained` copies next to the
+weights: the folder then loads with `trust_remote_code=True` where `hf_minigpt` is absent.
 """
 
-import functools
 import math
-import time
 from collections.abc import Callable
 
 import torch
@@ -21,8 +19,6 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Chunk, Transpose, WeightConverter, WeightRenaming
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
@@ -33,36 +29,13 @@ from transformers.modeling_layers import (
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .compat_minigpt import CACHE_FIELD, accepts_past_key_values, slice_logits_to_keep
 from .configuration_minigpt import MiniGPTConfig
-
-# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`, as a forward argument and as an output
-# field. MiniGPT takes `cache` (the old name still works, deprecated, as in transformers' own models) and returns it
-# under the field name of the installed release, where generate() looks for it.
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-if CACHE_FIELD == "cache":
-    accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-else:  # before the rename, generate() itself passes `past_key_values`: no warning for that
-
-    def accepts_past_key_values(forward):
-        @functools.wraps(forward)
-        def renamed(*args, past_key_values=None, **kwargs):
-            if past_key_values is not None:
-                kwargs.setdefault("cache", past_key_values)
-            return forward(*args, **kwargs)
-
-        return renamed
-
-try:
-    from transformers.modeling_utils import slice_logits_to_keep
-except ImportError:  # transformers 5.19 (what vLLM 0.32 pins) slices inline, as its Llama does
-
-    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        return hidden_states[:, positions, :]
+from .conversion_minigpt import conversions_registered
+from .loss_minigpt import chunked_lm_loss, plain_linear_weight
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -76,79 +49,6 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
-def linear_in_blocks(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int) -> torch.Tensor:
-    """`F.linear(input, weight, bias)` as one batched product over views of `block` output features each (and the
-    last features, if they do not fill a block, in one plain product)."""
-    out_features, in_features = weight.shape
-    n_blocks = out_features // block
-    blocked = n_blocks * block  # the output features in whole blocks
-    rows = input.reshape(-1, in_features)
-    weight_blocks = weight[:blocked].view(n_blocks, block, in_features).transpose(1, 2)
-    if bias is None:
-        output = torch.bmm(rows.expand(n_blocks, -1, -1), weight_blocks)
-    else:
-        output = torch.baddbmm(bias[:blocked].view(n_blocks, 1, block), rows.expand(n_blocks, -1, -1), weight_blocks)
-    output = output.transpose(0, 1).reshape(len(rows), blocked)  # (blocks, rows, block) -> (rows, features)
-    if blocked < out_features:
-        rest = F.linear(rows, weight[blocked:], None if bias is None else bias[blocked:])
-        output = torch.cat([output, rest], dim=-1)
-    return output.view(*input.shape[:-1], out_features)
-
-
-@functools.cache
-def few_rows_run_faster_in_blocks(block: int) -> bool:
-    """Whether this CPU's BLAS multiplies 8 rows by a GPT-2-sized weight clearly faster in blocks, timed once per
-    process (about 10 ms). It depends on the kernels the BLAS picks, not on the model: MKL's AVX-512 kernels are
-    faster in blocks (1.5x on an Intel Xeon), its AVX2 kernels slower (0.85x, the same Xeon held to AVX2)."""
-    weight = torch.full((24 * block, 768), 0.01, dtype=torch.float32, device="cpu")
-    rows = torch.full((8, 768), 0.01, dtype=torch.float32, device="cpu")
-    products = {"plain": lambda: F.linear(rows, weight), "blocks": lambda: linear_in_blocks(rows, weight, None, block)}
-    fastest = dict.fromkeys(products, math.inf)
-    with torch.no_grad():
-        for _ in range(6):  # interleaved, best of 6 (the first, cold, round does not win)
-            for name, product in products.items():
-                start = time.perf_counter()
-                product()
-                fastest[name] = min(fastest[name], time.perf_counter() - start)
-    return fastest["blocks"] < 0.9 * fastest["plain"]
-
-
-class MiniGPTLinear(nn.Linear):
-    """`nn.Linear`, with the product of a few fp32 rows on the CPU taken in blocks of output features where that is
-    faster.
-
-    Decoding a batch multiplies one row per sequence by every weight. For 4 to 12 rows, MKL's AVX-512 `x @ W^T`
-    (nn.Linear's layout) runs at about 0.7x the speed of `x @ W` (GPT-2's Conv1D layout), and at 0.55-0.7x the speed
-    of one batched product over views of W, 128 output features each (Intel Xeon, docs/deployment.md). Other
-    kernels differ (MKL's AVX2 ones are faster without blocks), so each process times the two once. The weight, its
-    layout and its checkpoints stay nn.Linear's; only the kernel differs.
-    """
-
-    BLOCK = 128
-    BLOCKED_ROWS = (4, 12)  # the fewest and the most; outside, the plain product is as fast or faster (1 to 64 tried)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.faster_in_blocks = few_rows_run_faster_in_blocks(self.BLOCK)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.takes_blocks(input):
-            return linear_in_blocks(input, self.weight, self.bias, self.BLOCK)
-        return super().forward(input)
-
-    def takes_blocks(self, input: torch.Tensor) -> bool:
-        # (cheapest test first: this runs for every projection of every decoding step)
-        fewest, most = self.BLOCKED_ROWS
-        return (
-            self.faster_in_blocks
-            and fewest <= input.numel() // input.shape[-1] <= most
-            and input.is_cpu
-            and input.dtype == torch.float32  # in bf16 the plain product is faster at every row count
-            and type(self.weight) is nn.Parameter  # not a tensor subclass (a DTensor shard, a quantized weight)
-            and self.weight.shape[0] >= 2 * self.BLOCK
-        )
-
-
 class MiniGPTAttention(nn.Module):
     """Masked multi-head self-attention."""
 
@@ -156,7 +56,6 @@ class MiniGPTAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.n_embd = config.n_embd
         self.head_dim = config.n_embd // config.n_head
         self.is_causal = True  # lets SDPA use its causal kernel when there is no padding mask
         self.scaling = self.head_dim**-0.5 if config.scale_attn_weights else 1.0
@@ -165,12 +64,11 @@ class MiniGPTAttention(nn.Module):
 
         # GPT-2 computes q, k and v in one fused projection, `c_attn`. Three projections shard by heads with plain
         # column-parallel styles, in transformers' tensor parallelism and in serving engines alike; checkpoints that
-        # store `c_attn` are split on load (see `checkpoint_conversions`).
-        self.q_proj = MiniGPTLinear(config.n_embd, config.n_embd)
-        self.k_proj = MiniGPTLinear(config.n_embd, config.n_embd)
-        self.v_proj = MiniGPTLinear(config.n_embd, config.n_embd)
-        self.qkv_proj: nn.Module | None = None  # int8 decoding puts them back into one product (hf_minigpt.quantize)
-        self.c_proj = MiniGPTLinear(config.n_embd, config.n_embd)
+        # store `c_attn` are split on load (conversion_minigpt.py).
+        self.q_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.k_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.v_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.writes_to_residual = True  # scaled init, see MiniGPTPreTrainedModel._init_weights
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
@@ -183,11 +81,8 @@ class MiniGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         head_shape = (batch_size, seq_len, -1, self.head_dim)  # -1: the heads this rank holds
-        if self.qkv_proj is None:
-            query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-        else:
-            query, key, value = self.qkv_proj(hidden_states).chunk(3, dim=-1)
-        query, key, value = (states.view(head_shape).transpose(1, 2) for states in (query, key, value))  # B, nh, T, hs
+        query, key, value = (states.view(head_shape).transpose(1, 2) for states in self.project_qkv(hidden_states))
+        # query, key, value: (B, nh, T, hs)
 
         if cache is not None:
             # (B, nh, S, hs): cached keys, then these. A paged cache (continuous batching) also fills in `kwargs`
@@ -210,6 +105,10 @@ class MiniGPTAttention(nn.Module):
         attn_output = attn_output.reshape(batch_size, seq_len, -1)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(attn_output)), attn_weights
 
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # (its own method so that int8 decoding can compute the three in one product: hf_minigpt.quantize)
+        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+
 
 # GPT-2's "gelu_new" is the tanh approximation of GELU, which PyTorch computes in one kernel instead of seven.
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
@@ -221,9 +120,9 @@ class MiniGPTMLP(nn.Module):
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
         inner_dim = config.n_inner if config.n_inner is not None else 4 * config.n_embd
-        self.c_fc = MiniGPTLinear(config.n_embd, inner_dim)
+        self.c_fc = nn.Linear(config.n_embd, inner_dim)
         self.act = ACT2FN[FUSED_ACTIVATIONS.get(config.activation_function, config.activation_function)]
-        self.c_proj = MiniGPTLinear(inner_dim, config.n_embd)
+        self.c_proj = nn.Linear(inner_dim, config.n_embd)
         self.c_proj.writes_to_residual = True
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -251,27 +150,6 @@ class MiniGPTBlock(GradientCheckpointingLayer):
         attn_output, _ = self.attn(self.ln_1(hidden_states), attention_mask, cache, **kwargs)
         hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.ln_2(hidden_states))
-
-
-# GPT-2 stores its projections as Conv1D weights, (in, out); nn.Linear's are (out, in).
-CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-QKV_PROJECTIONS = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
-
-
-def checkpoint_conversions(model_type: str | None) -> list:
-    """How a checkpoint of `model_type` becomes MiniGPT's layout, in transformers' conversion API. GPT-2's fused
-    `c_attn` holds [q | k | v] along its outputs; older MiniGPT folders hold the same as an nn.Linear. GPT-2's
-    Conv1D weights are transposed before any shape check, so a square one is never loaded as it is."""
-    split_qkv = [Transpose(), Chunk(dim=0)] if model_type == "gpt2" else [Chunk(dim=0)]
-    conversions = [
-        WeightConverter("attn.c_attn.weight", [f"{name}.weight" for name in QKV_PROJECTIONS], operations=split_qkv),
-        WeightConverter("attn.c_attn.bias", [f"{name}.bias" for name in QKV_PROJECTIONS], operations=[Chunk(dim=0)]),
-    ]
-    if model_type == "gpt2":
-        conversions += [WeightConverter(f"{layer}.weight", f"{layer}.weight", operations=[Transpose()])
-                        for layer in CONV1D_LAYERS[1:]]
-        conversions.append(WeightRenaming(r"^classifier\.", "score."))  # GPT2ForTokenClassification's head
-    return conversions
 
 
 class MiniGPTPreTrainedModel(PreTrainedModel):
@@ -304,21 +182,18 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        # A GPT-2 checkpoint (a folder or a hub id), or a MiniGPT folder saved before q, k and v were split, holds the
-        # same weights in another layout. It is declared as weight conversions for transformers' loader, so
-        # revisions, shards, dtypes, device maps and new heads work as for any checkpoint.
-        source_type = cls.config_class.model_type
+        # A GPT-2 checkpoint, or a MiniGPT folder saved before q, k and v were split, holds the same weights in
+        # another layout, which transformers' loader converts (revisions, shards, dtypes and device maps included).
+        checkpoint_type = cls.config_class.model_type
         if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
-            source_config = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)[0]
-            source_type = source_config.get("model_type")
-        # (registered for this load only: saving reverts a model's conversions, and MiniGPT saves its own layout)
-        register_checkpoint_conversion_mapping(cls.__name__, checkpoint_conversions(source_type), overwrite=True)
-        try:
+            checkpoint_type = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)[0].get(
+                "model_type"
+            )
+        with conversions_registered(cls.__name__, checkpoint_type):
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        finally:
-            register_checkpoint_conversion_mapping(cls.__name__, [], overwrite=True)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
-        model._weight_conversions = None
+        # transformers reverts the conversions a model was loaded with when it saves; MiniGPT saves its own layout.
+        model._weight_conversions = []
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -327,11 +202,6 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         if self._auto_class is not None:
             self.config.auto_map = {**REMOTE_CODE_AUTO_MAP, **getattr(self.config, "auto_map", {})}
         return super().save_pretrained(save_directory, *args, **kwargs)
-
-
-def outside_range(indices: torch.Tensor | None, size: int) -> bool:
-    """Whether any index would fall outside an embedding table of `size` rows."""
-    return indices is not None and indices.numel() > 0 and not (indices.min() >= 0 and indices.max() < size)
 
 
 class MiniGPTModel(MiniGPTPreTrainedModel):
@@ -362,23 +232,25 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
         # Without position ids, new tokens follow the cached ones. (With them, as in generate() and continuous
         # batching, whose paged cache has no single length, the cache is not asked.)
         past_length = cache.get_seq_length() if cache is not None and position_ids is None else 0
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
+        self._check_shapes(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
+        if cache is None and not torch.compiler.is_compiling():
+            self.check_values(input_ids, position_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         if inputs_embeds is None:
             inputs_embeds = self.wte(input_ids)  # (B, T, C)
-        if position_ids is None:
+        if position_ids is None:  # new tokens follow the cached ones
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_length
             position_ids = position_ids.unsqueeze(0)  # (1, T)
 
         # One mask for all layers, built by transformers for the active attention backend: None where SDPA's
         # causal kernel suffices, additive for eager, a BlockMask for flex. Restarting `position_ids` marks
         # packed documents, which then do not attend to each other. (The cache goes in by position: its keyword
-        # is `past_key_values` before transformers 5.24 and `cache` from then on.)
+        # differs between transformers releases.)
         causal_mask = create_causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids=position_ids)
 
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
@@ -388,15 +260,13 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
 
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
-        """Turn the mistakes users make into messages, instead of an index error deep inside torch."""
+    def _check_shapes(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
+        """Turn the mistakes users make into messages, instead of an error deep inside torch: shapes, on every call."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.n_embd):
-            raise ValueError(
-                f"`inputs_embeds` must have shape (batch, seq_len, {self.config.n_embd}), "
-                f"got {tuple(inputs_embeds.shape)}."
-            )
+            raise ValueError(f"`inputs_embeds` must have shape (batch, seq_len, {self.config.n_embd}), "
+                             f"got {tuple(inputs_embeds.shape)}.")
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
         batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -405,116 +275,30 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
                              "least one token per sequence.")
         if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:  # (not a prepared BlockMask)
             if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < past_length + seq_len:
-                raise ValueError(
-                    f"`attention_mask` has shape {tuple(attention_mask.shape)}, but the batch holds {batch_size} "
-                    f"sequences of {past_length + seq_len} tokens (cached + new): expected "
-                    f"({batch_size}, {past_length + seq_len})."
-                )
-        # The checks below read tensor values: skip them under torch.compile, where they would break the graph.
-        if torch.compiler.is_compiling():
-            return
-        if position_ids is None and past_length + seq_len > self.config.n_positions:
-            raise ValueError(
-                f"Sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) exceeds "
-                f"n_positions={self.config.n_positions}, the longest sequence this model has positions for."
-            )
-        if outside_range(position_ids, self.config.n_positions):
-            raise ValueError(
-                f"`position_ids` must lie in [0, {self.config.n_positions}), got values in "
-                f"[{position_ids.min().item()}, {position_ids.max().item()}]."
-            )
-        if outside_range(input_ids, self.config.vocab_size):
-            raise ValueError(
-                f"Token ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                f"[{input_ids.min().item()}, {input_ids.max().item()}]. Does the tokenizer match the model?"
-            )
+                raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}, but the batch holds "
+                                 f"{batch_size} sequences of {past_length + seq_len} tokens (cached + new): expected "
+                                 f"({batch_size}, {past_length + seq_len}).")
+        if past_length + seq_len > self.config.n_positions and position_ids is None:
+            raise ValueError(f"Sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) "
+                             f"exceeds n_positions={self.config.n_positions}, the longest sequence this model has "
+                             "positions for.")
+
+    def check_values(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None = None):
+        """Token ids and positions in range. Reading values costs a host sync on a GPU, so this runs where the ids
+        come from the user: a forward pass without a cache (outside torch.compile, where it would break the graph),
+        and once per generate() call, on the prompt, before any step, compiled or not."""
+        if outside(input_ids, self.config.vocab_size):
+            raise ValueError(f"Token ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                             f"[{input_ids.min().item()}, {input_ids.max().item()}]. Does the tokenizer match the "
+                             "model?")
+        if outside(position_ids, self.config.n_positions):
+            raise ValueError(f"`position_ids` must lie in [0, {self.config.n_positions}), got values in "
+                             f"[{position_ids.min().item()}, {position_ids.max().item()}].")
 
 
-IGNORE_INDEX = -100
-LOSS_CHUNK_ELEMENTS = 2**25  # logits computed at once: 128 MB in fp32
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of `hidden @ weight.T` against `targets`, summed over rows and divided by `num_items`,
-    computed a chunk of rows at a time.
-
-    Training a GPT spends most of its memory on the (tokens, vocab) logits and their fp32 copies. Here one
-    chunk's logits exist at a time: its loss and both gradients are computed in the forward pass (the idea of
-    Liger-Kernel's fused linear cross-entropy), and backward only hands them over, scaled. Without
-    `with_grads` (evaluation) only the loss is computed.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool):
-        # Under autocast the matmuls run in its dtype: cast once here, not once per chunk and matmul.
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        matmul_hidden, matmul_weight = hidden.to(dtype), weight.to(dtype)
-        kept = targets != IGNORE_INDEX
-        picked = targets.clamp(min=0)
-        # d loss / d logits = (softmax - one_hot(target)) * row_weight; ignored rows weigh 0. The weight multiplies
-        # the (chunk, n_embd) operands and results, never the (chunk, vocab) gradient.
-        row_weight = (kept / num_items)[:, None]
-        # Every chunk writes its logits and log-probabilities into the same two buffers: a new (chunk, vocab)
-        # tensor per chunk costs as much in fresh pages as a pass over it.
-        chunk_shape = (min(chunk_rows, hidden.shape[0]), weight.shape[0])
-        logits_buffer = torch.empty(chunk_shape, dtype=dtype, device=hidden.device)
-        log_probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
-        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        if with_grads:
-            grad_hidden, grad_weight = torch.empty_like(matmul_hidden), None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            rows = matmul_hidden[chunk]
-            logits = torch.mm(rows, matmul_weight.T, out=logits_buffer[: len(rows)])
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[: len(rows)])
-            target_log_probs = log_probs.gather(1, picked[chunk, None]).squeeze(1)
-            loss -= (target_log_probs * kept[chunk]).sum()
-            if not with_grads:
-                continue
-            grad_logits = log_probs.exp_()
-            grad_logits[torch.arange(len(rows), device=rows.device), picked[chunk]] -= 1
-            grad_logits = grad_logits.to(dtype)
-            torch.mm(grad_logits, matmul_weight, out=grad_hidden[chunk]).mul_(row_weight[chunk])
-            scaled_rows = (rows * row_weight[chunk]).to(dtype)
-            if grad_weight is None:  # the first chunk's product starts the sum: no (vocab, n_embd) zeros to fill
-                grad_weight = (grad_logits.T @ scaled_rows).float()
-            elif dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, scaled_rows)
-            else:  # a low-precision product, summed over the chunks in fp32
-                grad_weight += grad_logits.T @ scaled_rows
-        if with_grads:
-            # Kept on ctx rather than saved, so that backward can hand them over: autograd then adds the tied
-            # embedding's gradient into them in place instead of into a new (vocab, n_embd) tensor.
-            ctx.grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
-        return loss / num_items
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        if not hasattr(ctx, "grads"):
-            raise RuntimeError("The loss of `skip_logits=True` hands its gradients over once: it cannot backward "
-                               "twice (retain_graph=True); compute the loss again, or use the plain loss.")
-        grad_hidden, grad_weight = ctx.grads
-        del ctx.grads
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # loss.backward() passes 1: nothing to scale
-            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
-
-
-def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
-    """The causal-LM loss of `transformers`' ForCausalLMLoss (labels shifted inside, -100 ignored, mean or
-    sum / num_items_in_batch), without materializing the (B, T, vocab) logits."""
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    targets = shift_labels.reshape(-1).to(hidden_states.device)
-    if num_items_in_batch is None:
-        num_items_in_batch = (targets != IGNORE_INDEX).sum()
-    num_items = torch.as_tensor(num_items_in_batch, device=hidden_states.device, dtype=torch.float32)
-    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads)
+def outside(indices: torch.Tensor | None, size: int) -> bool:
+    """Whether any index would fall outside an embedding table of `size` rows."""
+    return indices is not None and indices.numel() > 0 and not (indices.min() >= 0 and indices.max() < size)
 
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
@@ -526,7 +310,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MiniGPTConfig):
         super().__init__(config)
         self.transformer = MiniGPTModel(config)
-        self.lm_head = MiniGPTLinear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
     @accepts_past_key_values
@@ -549,9 +333,10 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 keeps all); generation
             needs just the last one, which saves a (B, T, vocab) matmul per step.
         skip_logits: the memory-saving training path (as `skip_logits` of Liger-Kernel's integration in
-            transformers): the loss against `labels` comes from the hidden states a chunk of rows at a time and
-            `logits` is None. The (B, T, vocab) logits and their fp32 copies, the largest tensors of a small GPT's
-            training step, never exist whole. The training scripts and the benchmark turn it on.
+            transformers): the loss against `labels` comes from the hidden states and `lm_head`'s weight a chunk of
+            rows at a time, and `logits` is None. The (B, T, vocab) logits and their fp32 copies, the largest tensors
+            of a small GPT's training step, never exist whole. The training scripts and the benchmark turn it on.
+            Refused where `lm_head` is more than a plain nn.Linear (an adapter, a tensor-parallel plan).
         """
         if skip_logits and labels is None:
             raise ValueError("skip_logits=True computes only the loss, without logits: pass `labels` too.")
@@ -567,7 +352,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = loss = None
         if skip_logits:
-            loss = chunked_lm_loss(hidden_states, self.lm_head.weight, labels, **kwargs)
+            loss = chunked_lm_loss(hidden_states, plain_linear_weight(self.lm_head, "lm_head"), labels, **kwargs)
         else:
             logits = self.lm_head(hidden_states)  # (B, T, vocab)
             if labels is not None:
@@ -580,6 +365,12 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
+
+    def _prepare_model_inputs(self, *args, **kwargs):
+        inputs, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
+        if input_name == "input_ids":
+            self.transformer.check_values(inputs)
+        return inputs, input_name, model_kwargs
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
         # Refuse in one line before the first step, not with an error at the step that runs past the positions.

@@ -15,15 +15,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import MiniGPTConfig, MiniGPTForCausalLM
+from .folders import model_source_problem
 from .hub import push_after_training
-from .training.data import DataError, check_columns, hold_out, load_files, pieces, train_loader
+from .training.data import DataError, check_columns, embedded_corpus, hold_out, load_files, pieces, train_loader
 from .training.loop import TrainingRun
 from .training.report import evaluated_on, file_names, optimization_rows, write_model_card
 from .training.script import run_script
@@ -32,7 +32,6 @@ from .training.settings import (
     HubSettings,
     OptimizationSettings,
     RunSettings,
-    model_source_problem,
     parse,
     save_settings,
     setting,
@@ -146,13 +145,6 @@ def parse_args(argv=None) -> PretrainSettings:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Data: text -> tokenizer -> blocks
-
-
-def embedded_corpus() -> datasets.Dataset:
-    """The Python language reference, one document per topic: about 465 KB of English that ships with Python."""
-    from pydoc_data.topics import topics
-
-    return datasets.Dataset.from_dict({"text": list(topics.values())})
 
 
 def load_texts(data: DataSettings, split: str, streaming: bool):

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import CompileConfig
 
+from .conversion_minigpt import join_fused
 from .modeling_minigpt import MiniGPTAttention
 
 # torch.compile cannot trace fbgemm's packed weights (a TorchScript object), so the product is an operator of our
@@ -98,6 +99,14 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Attention(MiniGPTAttention):
+    """MiniGPT's attention with q, k and v from one int8 product (`qkv_proj`): the same numbers in a third of the
+    calls."""
+
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv_proj(hidden_states).chunk(3, dim=-1)
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replaces the transformer blocks' projections and the LM head by `Int8Linear`, in place, and returns the
     model; each attention's q, k and v become one product (`qkv_proj`), which computes the same numbers in a third of
@@ -114,10 +123,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise ValueError(f"int8 decoding runs on the CPU, and this model is on {device}: quantize it on the CPU.")
     model.eval()
     for attention in attentions:
-        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
-        attention.qkv_proj = Int8Linear(torch.cat([projection.weight for projection in projections]),
-                                        torch.cat([projection.bias for projection in projections]))
+        fused = join_fused(attention.state_dict(prefix="attn."), conv1d=False)  # GPT-2's c_attn, nn.Linear's layout
+        attention.qkv_proj = Int8Linear(fused["attn.c_attn.weight"], fused["attn.c_attn.bias"])
         del attention.q_proj, attention.k_proj, attention.v_proj
+        attention.__class__ = Int8Attention
     for name in [name for name, module in model.named_modules()
                  if isinstance(module, nn.Linear) and (".h." in f".{name}" or name == "lm_head")]:
         parent, _, child = name.rpartition(".")

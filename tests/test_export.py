@@ -78,7 +78,9 @@ def test_bad_gguf_exports_are_refused_in_one_line(folder, tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "taken.gguf"]  # nothing left behind
 
 
-def test_onnx_export_runs_in_onnxruntime_with_a_kv_cache(tmp_path, tokenizer):
+@pytest.mark.parametrize("shape", [dict(initializer_range=0.5), dict(n_embd=768, n_head=12, n_layer=1)],
+                         ids=["tiny", "124M-wide"])
+def test_onnx_export_runs_in_onnxruntime_with_a_kv_cache(tmp_path, tokenizer, shape):
     """The prompt's logits, then one decode step fed the returned cache, equal MiniGPT's (left padding included)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     import numpy as np
@@ -86,7 +88,7 @@ def test_onnx_export_runs_in_onnxruntime_with_a_kv_cache(tmp_path, tokenizer):
     from conftest import tiny_config
 
     torch.manual_seed(0)
-    minigpt = MiniGPTForCausalLM(tiny_config(initializer_range=0.5)).eval()
+    minigpt = MiniGPTForCausalLM(tiny_config(**shape)).eval()
     minigpt.save_pretrained(tmp_path / "minigpt")
     tokenizer.save_pretrained(tmp_path / "minigpt")
     result = convert_cli(tmp_path / "minigpt", tmp_path / "onnx", "--to", "onnx")

@@ -9,7 +9,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_minigpt import MiniGPTForSequenceClassification
-from hf_minigpt.modeling_minigpt import CACHE_FIELD, eager_attention_forward
+from hf_minigpt.compat_minigpt import CACHE_FIELD
+from hf_minigpt.modeling_minigpt import eager_attention_forward
 
 from conftest import tiny_config
 

@@ -18,8 +18,9 @@ from transformers import (
 )
 
 from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from hf_minigpt.export import CheckpointError, convert, fused_qkv, gpt2_tokenizer
-from hf_minigpt.modeling_minigpt import CACHE_FIELD
+from hf_minigpt.conversion_minigpt import join_fused
+from hf_minigpt.export import CheckpointError, convert, gpt2_tokenizer
+from hf_minigpt.compat_minigpt import CACHE_FIELD
 
 GPT2_VARIANTS = {
     "plain": dict(n_layer=2, n_head=4),
@@ -154,7 +155,8 @@ def test_a_folder_saved_with_a_fused_c_attn_loads_and_saves_q_k_v_apart(gpt2_pai
     """MiniGPT folders written before q, k and v were three projections hold GPT-2's fused `c_attn` (as nn.Linear)."""
     _, minigpt, _ = gpt2_pair
     minigpt.save_pretrained(tmp_path / "fused")
-    fused = {name: tensor for name, tensor in fused_qkv(minigpt.state_dict()).items() if name != "lm_head.weight"}
+    fused = {name: tensor for name, tensor in join_fused(minigpt.state_dict(), conv1d=False).items()
+             if name != "lm_head.weight"}
     save_file(fused, tmp_path / "fused" / "model.safetensors")
     assert "transformer.h.0.attn.c_attn.bias" in load_file(tmp_path / "fused" / "model.safetensors")
     loaded = MiniGPTForCausalLM.from_pretrained(tmp_path / "fused").eval()
@@ -411,3 +413,43 @@ def test_gpt2_checkpoints_load_by_hub_id_into_every_head(tmp_path):
     assert results.pop("new_head_shape") == [2, 3]
     assert results.pop("revision_differs") > 0.01  # the v2 branch holds other weights
     assert {name: gap for name, gap in results.items() if gap > ATOL} == {}, results
+
+
+def test_loads_at_once_each_get_their_checkpoints_conversions(gpt2_pair, tmp_path):
+    """A GPT-2 checkpoint and a MiniGPT folder loaded in threads at once: transformers keeps conversions per class,
+    process-wide, and each load needs its own. Afterwards no MiniGPT conversion is left registered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    reference, minigpt, folder = gpt2_pair
+    minigpt.save_pretrained(tmp_path / "minigpt")
+    sources = [folder, tmp_path / "minigpt"] * 4
+    with ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda source: MiniGPTForCausalLM.from_pretrained(source).eval(), sources))
+    expected = reference(INPUTS).logits
+    for model in loaded:
+        torch.testing.assert_close(model(INPUTS).logits, expected, atol=ATOL, rtol=0)
+    assert not get_checkpoint_conversion_mapping("MiniGPTForCausalLM")
+
+
+def test_a_conversion_mapping_the_user_registered_is_used_and_kept(gpt2_pair, tmp_path):
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+    from transformers.core_model_loading import WeightRenaming
+
+    _, minigpt, _ = gpt2_pair
+    renamed = {name.replace("ln_f.", "final_norm."): tensor for name, tensor in minigpt.state_dict().items()
+               if name != "lm_head.weight"}
+    minigpt.save_pretrained(tmp_path)
+    save_file(renamed, tmp_path / "model.safetensors")
+    register_checkpoint_conversion_mapping("MiniGPTForCausalLM", [WeightRenaming(r"final_norm\.", "ln_f.")],
+                                           overwrite=True)
+    try:
+        loaded = MiniGPTForCausalLM.from_pretrained(tmp_path).eval()
+        assert len(get_checkpoint_conversion_mapping("MiniGPTForCausalLM")) == 1
+    finally:
+        register_checkpoint_conversion_mapping("MiniGPTForCausalLM", [], overwrite=True)
+    torch.testing.assert_close(loaded(INPUTS).logits, minigpt(INPUTS).logits, atol=0, rtol=0)

@@ -1,5 +1,6 @@
-"""The package's layout rules, read from the source: imports run one way, the model layer stands alone, exports and
-the hub never reach into training, and only `folders.py` spells the names of a run's files."""
+"""The package's layout rules, read from the source: its layers, each importing only from itself and the layers below;
+the model files, which travel in every saved folder, standing alone and timing nothing; and only `folders.py`
+spelling the names of a run's files."""
 
 import ast
 import re
@@ -9,7 +10,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "hf_minigpt"
-MODEL_LAYER = {"hf_minigpt.configuration_minigpt", "hf_minigpt.modeling_minigpt"}
+# The files `save_pretrained` copies beside the weights: the model and the sibling modules it imports.
+MODEL_FILES = {f"hf_minigpt.{name}_minigpt" for name in ("configuration", "modeling", "compat", "conversion", "loss")}
+# Lowest first. A module belongs to the first layer one of whose names is its name or a package above it.
+LAYERS = [
+    ("model", {"hf_minigpt", *MODEL_FILES}),
+    ("folders, export and speed-ups", {"hf_minigpt.folders", "hf_minigpt.cli", "hf_minigpt.hub", "hf_minigpt.export",
+                                       "hf_minigpt.quantize", "hf_minigpt.cpu_kernels"}),
+    ("training", {"hf_minigpt.training", "hf_minigpt.tasks"}),
+    ("commands and benchmark", {"hf_minigpt.pretrain", "hf_minigpt.finetune", "hf_minigpt.generate_cli",
+                                "hf_minigpt.convert_cli", "hf_minigpt.convert", "hf_minigpt.vllm_greedy",
+                                "hf_minigpt.benchmark"}),
+]
 
 
 def module_name(path: Path) -> str:
@@ -59,16 +71,33 @@ def test_the_imports_have_no_circle():
         visit(name)
 
 
-def test_the_model_layer_imports_nothing_else_from_the_package():
-    for name in MODEL_LAYER:
-        assert GRAPH[name] <= MODEL_LAYER, f"{name} imports {GRAPH[name] - MODEL_LAYER}"
+def layer_of(name: str) -> int:
+    for index, (_, members) in enumerate(LAYERS):
+        if name in members or any(name.startswith(f"{member}.") for member in members - {"hf_minigpt"}):
+            return index
+    raise AssertionError(f"{name} belongs to no layer: add it to LAYERS")
 
 
-@pytest.mark.parametrize("prefix", ["hf_minigpt.export", "hf_minigpt.hub", "hf_minigpt.folders"])
-def test_exports_the_hub_and_folders_never_import_training(prefix):
-    for name, imported in GRAPH.items():
-        if name.startswith(prefix):
-            assert not {module for module in imported if module.startswith("hf_minigpt.training")}, name
+def test_every_module_belongs_to_a_layer():
+    for name in MODULES:
+        layer_of(name)
+
+
+def test_imports_never_run_up_the_layers():
+    upward = [f"{name} ({LAYERS[layer_of(name)][0]}) imports {imported} ({LAYERS[layer_of(imported)][0]})"
+              for name in sorted(GRAPH) for imported in sorted(GRAPH[name]) if layer_of(imported) > layer_of(name)]
+    assert not upward
+
+
+def test_the_model_files_import_only_each_other():
+    for name in MODEL_FILES:
+        assert GRAPH[name] <= MODEL_FILES, f"{name} imports {GRAPH[name] - MODEL_FILES}"
+
+
+def test_the_model_files_time_nothing():
+    """What a model computes never depends on how fast something ran."""
+    timing = re.compile(r"\btime\.[a-z_]+\(|perf_counter|functools\.cache|\blru_cache\b|import time\b")
+    assert not [f"{name}: {match[0]}" for name in MODEL_FILES for match in timing.finditer(MODULES[name].read_text())]
 
 
 def test_only_folders_spells_the_run_files():

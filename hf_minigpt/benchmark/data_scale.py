@@ -12,7 +12,7 @@ from .runner import Bench, run_measured
 def measure_data_scale(sizes_mb: tuple, folder: Path) -> dict:
     """For each size: peak RSS and wall time of `minigpt-pretrain`, as a user runs it, training a new tokenizer on,
     tokenizing and taking 5 steps over one text file of that many MB (the embedded corpus, repeated)."""
-    from ..pretrain import embedded_corpus
+    from ..training.data import embedded_corpus
 
     text = "\n\n".join(embedded_corpus()["text"])
     results = {}

@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..export.gguf import write_gguf
 from ..export.onnx import greedy_decode, write_onnx
+from ..cpu_kernels import CPU, use_cpu_kernels
 from ..quantize import Int8Linear, cpu_compile_config, quantize_int8
 from .runner import Bench, best_seconds, build, config_for, installed, interleaved, timer_of
 
@@ -41,10 +42,11 @@ def export_for_deployment(shape, folder: Path) -> None:
         write_gguf(folder / "minigpt", folder / "model.gguf", dtype="q8_0")
 
 
-def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats: int) -> dict:
+def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats: int, cpu_kernels: bool) -> dict:
     """Greedy decode tokens/s (a 32-token prompt, then `new_tokens`) on the CPU: MiniGPT eager, with a static cache +
     torch.compile, the same with int8 weights; GPT2LMHeadModel; onnxruntime on the ONNX export; llama.cpp on the
-    q8_0 GGUF (batch 1: llama-cpp-python decodes one sequence); each runtime where it is installed."""
+    q8_0 GGUF (batch 1: llama-cpp-python decodes one sequence); each runtime where it is installed. With
+    `cpu_kernels`, also MiniGPT eager with hf_minigpt.cpu_kernels, where its rule names this CPU."""
     cpu = torch.device("cpu")
     config = config_for(shape)
     prompt = torch.randint(0, 256, (batch, 32), generator=torch.Generator().manual_seed(0))
@@ -57,6 +59,8 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
         "MiniGPT int8 static+compile": (quantize_int8(build("minigpt", config, cpu)), compiled),
         "GPT2LMHeadModel": (build("gpt2", config, cpu).eval(), options),
     }
+    if cpu_kernels and CPU.this_machine().blocked_rows:
+        engines["MiniGPT eager, cpu_kernels"] = (use_cpu_kernels(build("minigpt", config, cpu).eval()), options)
     timers = {}
     for name, (model, kwargs) in engines.items():
         model.generate(prompt, **kwargs)  # warm-up (and compilation)
@@ -120,7 +124,8 @@ def memory_bandwidth() -> float:
     return 2 * source.numel() * source.element_size() / best
 
 
-def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens: int) -> list[tuple]:
+def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens: int,
+                        cpu_kernels: bool) -> list[tuple]:
     """The deployment table's rows at `shape`: every engine at batch 1 and 8, each batch recorded as measured."""
     results = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -132,7 +137,7 @@ def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens
         for batch in (1, 8):
             key = f"deploy {shape_name} b={batch}"
             report.say(f"{key}, greedy decoding")
-            results[batch] = measure_deployment(shape, Path(folder), batch, new_tokens, repeats)
+            results[batch] = measure_deployment(shape, Path(folder), batch, new_tokens, repeats, cpu_kernels)
             report.record(key, results[batch])
             print("    " + " | ".join(f"{engine} {speed['tokens_per_second']:,.0f}"
                                       for engine, speed in results[batch].items()), flush=True)
@@ -159,7 +164,8 @@ def deploy_table(bench: Bench, shape_name: str, shape) -> None:
     if shape_name == "small" or bench.gpu:  # the CPU runtimes, at the shape people deploy
         return
     new_tokens = 8 if bench.quick else 32
-    rows, bandwidth = measure_deployments(bench.report, shape_name, shape, bench.repeats, new_tokens)
+    rows, bandwidth = measure_deployments(bench.report, shape_name, shape, bench.repeats, new_tokens,
+                                          bench.cpu_kernels)
     bench.report.add_table(f"{shape_name}: a 32-token prompt, then {new_tokens} new tokens; int8: int8 weights, "
                            "activations rounded to integers per token (hf_minigpt.quantize); ceiling: the memory "
                            f"bandwidth a copy reaches here ({bandwidth / 1e9:.1f} GB/s) / the weight bytes read per "

@@ -18,8 +18,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .. import MiniGPTConfig, MiniGPTForCausalLM
-from ..export import fused_qkv
-from ..export.gpt2 import minigpt_to_gpt2_state_dict
+from ..conversion_minigpt import join_fused, minigpt_to_gpt2
+from ..cpu_kernels import use_cpu_kernels
 from ..folders import write_json
 from .reference import NanoGPT
 
@@ -42,12 +42,12 @@ def build(name: str, config: MiniGPTConfig, device) -> nn.Module:
         fields = ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions", "resid_pdrop", "embd_pdrop",
                   "attn_pdrop", "bos_token_id", "eos_token_id")
         gpt2 = GPT2LMHeadModel(GPT2Config(**{field: getattr(config, field) for field in fields}))
-        gpt2.load_state_dict(minigpt_to_gpt2_state_dict(minigpt.state_dict()), strict=False)
+        gpt2.load_state_dict(minigpt_to_gpt2(minigpt.state_dict()), strict=False)
         gpt2.config._attn_implementation = "sdpa"
         gpt2.loss_type = "ForCausalLM"  # what it computes; transformers cannot tell from the name GPT2LMHeadModel
         return gpt2.to(device)
     nano = NanoGPT(config)
-    nano.load_state_dict(fused_qkv(minigpt.state_dict()), strict=False)
+    nano.load_state_dict(join_fused(minigpt.state_dict(), conv1d=False), strict=False)
     return nano.to(device)
 
 
@@ -172,6 +172,12 @@ class Bench:
     compile_: bool
     dtypes: list[str]
     vllm_python: Path | None
+    cpu_kernels: bool  # MiniGPT decodes with hf_minigpt.cpu_kernels where its rule names this CPU
+
+    def decoder(self, config: MiniGPTConfig) -> nn.Module:
+        """MiniGPT for decoding, with the CPU's faster products where `cpu_kernels` is on."""
+        model = build("minigpt", config, self.device).eval()
+        return use_cpu_kernels(model) if self.cpu_kernels else model
 
     @property
     def gpu(self) -> bool:
@@ -195,7 +201,8 @@ class Bench:
             print("--quick: tiny shapes and one repetition, to check that every part runs. Its figures and ratios "
                   "are not a measurement.")
         return cls(device, Report(machine, repeats, args.json), args.quick, repeats,
-                   8 if args.quick else args.new_tokens, args.compile or gpu, dtypes, vllm_python)
+                   8 if args.quick else args.new_tokens, args.compile or gpu, dtypes, vllm_python,
+                   not args.plain_kernels)
 
 
 class Report:

@@ -9,8 +9,8 @@
 """
 
 from . import gguf, gpt2, nanogpt, onnx  # noqa: F401  (each registers its conversions)
-from .checkpoints import CheckpointError, fused_qkv, split_qkv
+from .checkpoints import CheckpointError
 from .gpt2 import gpt2_tokenizer
 from .registry import CONVERSIONS, convert, targets
 
-__all__ = ["CONVERSIONS", "CheckpointError", "convert", "fused_qkv", "gpt2_tokenizer", "split_qkv", "targets"]
+__all__ = ["CONVERSIONS", "CheckpointError", "convert", "gpt2_tokenizer", "targets"]

@@ -1,10 +1,8 @@
 """What every conversion shares: reading a checkpoint's tensors, fitting them into a model with every mismatch
-named, GPT-2's fused `c_attn` split into MiniGPT's q, k, v projections and joined again, and the converted folder
-written whole with its tokenizer."""
+named, and the converted folder written whole with its tokenizer. (How the tensors map: conversion_minigpt.py.)"""
 
 import json
 import pickle
-import re
 import shutil
 from pathlib import Path
 
@@ -13,10 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..folders import CONFIG, atomic_folder
-from ..modeling_minigpt import QKV_PROJECTIONS
 
-# Buffers that older GPT-2 checkpoints carry (the causal mask); MiniGPT builds masks instead.
-GPT2_MASK_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
 # What torch.load / safetensors raise on a file that is truncated, corrupt, or holds more than tensors.
 UNREADABLE = (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError)
 TOKENIZER_FILES = (
@@ -66,33 +61,6 @@ def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
             f"Cannot read {path}: the file is truncated or corrupt, or holds pickled objects beyond tensors, "
             f"which are refused ({error})."
         ) from error
-
-
-def split_qkv(state_dict: dict) -> dict:
-    """`attn.c_attn` ([q | k | v] along its outputs, nn.Linear's layout) -> `attn.q_proj`, `attn.k_proj`,
-    `attn.v_proj`; every other tensor as it is."""
-    split = {}
-    for name, tensor in state_dict.items():
-        prefix, fused, kind = name.rpartition("attn.c_attn.")
-        if not fused:
-            split[name] = tensor
-            continue
-        for projection, third in zip(QKV_PROJECTIONS, tensor.chunk(3, dim=0)):
-            split[f"{prefix}{projection}.{kind}"] = third.contiguous()
-    return split
-
-
-def fused_qkv(state_dict: dict) -> dict:
-    """The inverse of `split_qkv`: GPT-2's (and nanoGPT's, and GGUF's) one `attn.c_attn` per block."""
-    fused = {}
-    for name, tensor in state_dict.items():
-        prefix, query, kind = name.rpartition(f"{QKV_PROJECTIONS[0]}.")
-        if query:
-            thirds = [state_dict[f"{prefix}{projection}.{kind}"] for projection in QKV_PROJECTIONS]
-            fused[f"{prefix}attn.c_attn.{kind}"] = torch.cat(thirds, dim=0)
-        elif not any(f"{projection}." in name for projection in QKV_PROJECTIONS[1:]):
-            fused[name] = tensor
-    return fused
 
 
 def load_into(model: torch.nn.Module, state_dict: dict, source) -> torch.nn.Module:

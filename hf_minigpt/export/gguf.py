@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from ..folders import atomic_file
+from ..conversion_minigpt import join_fused
 from ..modeling_minigpt import MiniGPTForCausalLM
-from .checkpoints import fused_qkv
 from .registry import register
 
 # MiniGPT parameter -> GGUF tensor, as llama.cpp names GPT-2's.
@@ -69,7 +69,8 @@ def write_file(path: Path, model, tokenizer, dtype: str, name: str) -> None:
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     add_tokenizer(writer, tokenizer, config.vocab_size)
 
-    for name, tensor in fused_qkv(model.state_dict()).items():  # llama.cpp's GPT-2 reads q, k and v fused
+    # llama.cpp's GPT-2 reads q, k and v fused
+    for name, tensor in join_fused(model.state_dict(), conv1d=False).items():
         if name == "lm_head.weight":
             continue  # tied to the token embedding, which llama.cpp reads as the output matrix too
         data = tensor.float().numpy()

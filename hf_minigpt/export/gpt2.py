@@ -1,42 +1,26 @@
-"""GPT-2 (Hugging Face format) <-> MiniGPT, and GPT-2's own tokenizer offline.
-
-MiniGPT keeps GPT-2's tensor names but for two differences: GPT-2 stores its projections as `Conv1D`
-weights of shape (in, out) where MiniGPT uses `nn.Linear`, (out, in), and GPT-2 fuses q, k and v into `c_attn`,
-which MiniGPT holds as `q_proj`, `k_proj`, `v_proj`. Conversions therefore transpose four weights per block, split or
-join `c_attn`, rename the odd head, and check every tensor on the way.
-"""
+"""GPT-2 (Hugging Face format) <-> MiniGPT folders, through the one tensor mapping (conversion_minigpt.py) with
+every tensor checked on the way; and GPT-2's own tokenizer offline."""
 
 import importlib.util
 import logging
-import re
 from pathlib import Path
 
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
 from ..configuration_minigpt import GPT2_ONLY_FIELDS, MiniGPTConfig
+from ..conversion_minigpt import MINIGPT_HEADS, gpt2_to_minigpt, minigpt_to_gpt2
 from ..modeling_minigpt import (
-    CONV1D_LAYERS,
     MiniGPTForCausalLM,
     MiniGPTForQuestionAnswering,
     MiniGPTForSequenceClassification,
     MiniGPTForTokenClassification,
     MiniGPTModel,
 )
-from .checkpoints import (
-    GPT2_MASK_BUFFER,
-    CheckpointError,
-    fused_qkv,
-    load_into,
-    load_state_dict,
-    read_config,
-    split_qkv,
-    write_converted,
-)
+from .checkpoints import CheckpointError, load_into, load_state_dict, read_config, write_converted
 from .registry import register
 
 logger = logging.getLogger(__name__)
 
-CONV1D_WEIGHT = re.compile(rf"({'|'.join(re.escape(layer) for layer in CONV1D_LAYERS)})\.weight$")
 ARCHITECTURES = {  # GPT-2 class -> the MiniGPT class with the same head
     "GPT2Model": MiniGPTModel,
     "GPT2LMHeadModel": MiniGPTForCausalLM,
@@ -45,7 +29,6 @@ ARCHITECTURES = {  # GPT-2 class -> the MiniGPT class with the same head
     "GPT2ForTokenClassification": MiniGPTForTokenClassification,
     "GPT2ForQuestionAnswering": MiniGPTForQuestionAnswering,
 }
-HEAD_PREFIXES = ("lm_head.", "score.", "qa_outputs.")
 
 
 def minigpt_config_from_gpt2(gpt2_config: dict) -> MiniGPTConfig:
@@ -60,28 +43,6 @@ def gpt2_config_from_minigpt(config: MiniGPTConfig) -> GPT2Config:
     return GPT2Config.from_dict(fields)
 
 
-def gpt2_to_minigpt_state_dict(state_dict: dict) -> dict:
-    converted = {}
-    for name, tensor in state_dict.items():
-        if GPT2_MASK_BUFFER.search(name) or name.startswith("multiple_choice_head."):
-            continue
-        if name.startswith("classifier."):  # GPT2ForTokenClassification's head is MiniGPT's `score`
-            name = "score." + name.removeprefix("classifier.")
-        elif not name.startswith(("transformer.", *HEAD_PREFIXES)):
-            name = f"transformer.{name}"  # the original `gpt2` upload was saved from the bare GPT2Model
-        converted[name] = tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
-    return split_qkv(converted)
-
-
-def minigpt_to_gpt2_state_dict(state_dict: dict) -> dict:
-    return {
-        name.replace("score.", "classifier.", 1) if name.startswith("score.") else name: (
-            tensor.t().contiguous() if CONV1D_WEIGHT.search(name) else tensor
-        )
-        for name, tensor in fused_qkv(state_dict).items()
-    }
-
-
 @register("gpt2", "minigpt")
 def convert_gpt2_to_minigpt(source, destination) -> Path:
     """A GPT-2 checkpoint folder (any GPT2* head) -> a MiniGPT folder (weights, config with auto_map, code)."""
@@ -89,9 +50,9 @@ def convert_gpt2_to_minigpt(source, destination) -> Path:
     architecture = (gpt2_config.get("architectures") or ["GPT2LMHeadModel"])[0]
     model_class = ARCHITECTURES.get(architecture, MiniGPTForCausalLM)
     config = minigpt_config_from_gpt2(gpt2_config)
-    state_dict = gpt2_to_minigpt_state_dict(load_state_dict(source))
+    state_dict = gpt2_to_minigpt(load_state_dict(source))
     if model_class not in (MiniGPTModel, MiniGPTForCausalLM) and not any(
-        name.startswith(HEAD_PREFIXES) for name in state_dict
+        name.startswith(MINIGPT_HEADS) for name in state_dict
     ):
         # Trunk weights only: write the trunk, and the requested head starts fresh when the folder is loaded.
         # (A causal LM needs no head tensor: its head is the tied token embedding, as in the `gpt2` upload.)
@@ -111,7 +72,7 @@ def convert_minigpt_to_gpt2(source, destination) -> Path:
     if not any(name.startswith("transformer.") for name in state_dict):
         state_dict = {f"transformer.{name}": tensor for name, tensor in state_dict.items()}
     gpt2 = GPT2LMHeadModel(gpt2_config_from_minigpt(config))
-    model = load_into(gpt2, minigpt_to_gpt2_state_dict(state_dict), source)
+    model = load_into(gpt2, minigpt_to_gpt2(state_dict), source)
     return write_converted(model, destination, source)
 
 

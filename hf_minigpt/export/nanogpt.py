@@ -7,7 +7,8 @@ import torch
 
 from ..configuration_minigpt import MiniGPTConfig
 from ..modeling_minigpt import MiniGPTForCausalLM
-from .checkpoints import GPT2_MASK_BUFFER, UNREADABLE, CheckpointError, load_into, split_qkv, write_converted
+from ..conversion_minigpt import GPT2_ONLY_TENSORS, split_fused
+from .checkpoints import UNREADABLE, CheckpointError, load_into, write_converted
 from .registry import register
 
 
@@ -28,8 +29,8 @@ def convert_nanogpt_to_minigpt(checkpoint_path, destination) -> Path:
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
     )
     state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in checkpoint["model"].items()}
-    state_dict = {name: tensor for name, tensor in state_dict.items() if not GPT2_MASK_BUFFER.search(name)}
-    state_dict = split_qkv(state_dict)
+    state_dict = {name: tensor for name, tensor in state_dict.items() if not GPT2_ONLY_TENSORS.search(name)}
+    state_dict = split_fused(state_dict, conv1d=False)
     model = MiniGPTForCausalLM(config)
     if not args.get("bias", True):
         # nanoGPT's bias=False: no Linear or LayerNorm biases, which is exactly MiniGPT with zero biases.

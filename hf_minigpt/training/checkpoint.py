@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -25,6 +27,27 @@ from .processes import sharded
 
 STATE_FILE = RunFolder.CHECKPOINT_STATE
 WEIGHTS_AND_OPTIMIZER = "model_and_optimizer"  # torch.distributed.checkpoint's folder in a checkpoint
+
+
+def gathered_model(model, accelerator):
+    """What `folders.save_model_folder` writes for a model that DDP, torch.compile or FSDP2 may wrap: the model as
+    its own class and its full weights, gathered (every process must call this; the weights are the main process's).
+
+    FSDP2 makes a sharded `MiniGPTForCausalLM` an `FSDPMiniGPTForCausalLM`, which `save_pretrained` would write into
+    the config's `auto_map`, copying torch's source instead of the model's: an empty shell of the model's class (on
+    the meta device) saves the gathered weights instead."""
+    state_dict = accelerator.get_state_dict(model)
+    if state_dict is not None:
+        state_dict = {name.removeprefix("_orig_mod."): tensor for name, tensor in state_dict.items()}
+    model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    if not isinstance(model, FSDPModule):
+        return model, state_dict
+    model_class = next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+    with torch.device("meta"):
+        shell = model_class(model.config)
+    if model.can_generate():
+        shell.generation_config = model.generation_config
+    return shell, state_dict
 
 
 def load_whole_weights(model, weights: dict) -> None:

@@ -220,3 +220,10 @@ def train_loader(dataset, batch_size: int, collate_fn=None) -> torch.utils.data.
     shuffle = not isinstance(dataset, torch.utils.data.IterableDataset)
     return torch.utils.data.DataLoader(dataset, shuffle=shuffle, batch_size=batch_size, collate_fn=collate_fn,
                                        generator=torch.Generator() if shuffle else None)
+
+
+def embedded_corpus() -> datasets.Dataset:
+    """The Python language reference, one document per topic: about 465 KB of English that ships with Python."""
+    from pydoc_data.topics import topics
+
+    return datasets.Dataset.from_dict({"text": list(topics.values())})

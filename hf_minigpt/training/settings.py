@@ -211,29 +211,3 @@ def save_settings(settings) -> None:
     secret), nor the checkpoint a resumed run started from (it is the same run)."""
     write_json(RunFolder(settings.run.output_dir).settings,
                {name: value for name, value in flags(settings).items() if name not in NOT_SAVED})
-
-
-def model_source_problem(name: str | None, flag: str) -> str | None:
-    """What is wrong with a model folder or hub id, said at once rather than after a minute of retries."""
-    if not name:
-        return None
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            return f"{flag} {name} is a folder but holds no model (no config.json)"
-        return None
-    if path.exists():
-        return f"{flag} {name} is a file; give the folder that holds the model"
-    first = Path(name).parts[0] if Path(name).parts else name
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(first).is_dir():
-        return f"{flag} {name}: no such folder"
-    from huggingface_hub import model_info
-    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
-
-    try:
-        model_info(name, timeout=10)
-    except (RepositoryNotFoundError, HFValidationError):
-        return f"{flag} {name}: no such folder here, and no such model on the hub"
-    except Exception as error:  # offline, DNS, timeouts, proxies: one line that says so
-        return f"{flag} {name}: no such folder here, and the hub could not give it ({error})"
-    return None

@@ -1,0 +1,110 @@
+"""The causal-LM loss without the (tokens, vocab) logits: training a GPT spends most of its memory on them and their
+fp32 copies, so `MiniGPTForCausalLM(..., skip_logits=True)` computes the loss a chunk of rows at a time.
+
+Travels with `modeling_minigpt.py` in every saved folder (`save_pretrained` copies a model file's relative imports).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+LOSS_CHUNK_ELEMENTS = 2**25  # logits computed at once: 128 MB in fp32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of `hidden @ weight.T` against `targets`, summed over rows and divided by `num_items`,
+    computed a chunk of rows at a time.
+
+    Training a GPT spends most of its memory on the (tokens, vocab) logits and their fp32 copies. Here one
+    chunk's logits exist at a time: its loss and both gradients are computed in the forward pass (the idea of
+    Liger-Kernel's fused linear cross-entropy), and backward only hands them over, scaled. Without
+    `with_grads` (evaluation) only the loss is computed.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool):
+        # Under autocast the matmuls run in its dtype: cast once here, not once per chunk and matmul.
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        matmul_hidden, matmul_weight = hidden.to(dtype), weight.to(dtype)
+        kept = targets != IGNORE_INDEX
+        picked = targets.clamp(min=0)
+        # d loss / d logits = (softmax - one_hot(target)) * row_weight; ignored rows weigh 0. The weight multiplies
+        # the (chunk, n_embd) operands and results, never the (chunk, vocab) gradient.
+        row_weight = (kept / num_items)[:, None]
+        # Every chunk writes its logits and log-probabilities into the same two buffers: a new (chunk, vocab)
+        # tensor per chunk costs as much in fresh pages as a pass over it.
+        chunk_shape = (min(chunk_rows, hidden.shape[0]), weight.shape[0])
+        logits_buffer = torch.empty(chunk_shape, dtype=dtype, device=hidden.device)
+        log_probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        if with_grads:
+            grad_hidden, grad_weight = torch.empty_like(matmul_hidden), None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            chunk = slice(start, start + chunk_rows)
+            rows = matmul_hidden[chunk]
+            logits = torch.mm(rows, matmul_weight.T, out=logits_buffer[: len(rows)])
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[: len(rows)])
+            target_log_probs = log_probs.gather(1, picked[chunk, None]).squeeze(1)
+            loss -= (target_log_probs * kept[chunk]).sum()
+            if not with_grads:
+                continue
+            grad_logits = log_probs.exp_()
+            grad_logits[torch.arange(len(rows), device=rows.device), picked[chunk]] -= 1
+            grad_logits = grad_logits.to(dtype)
+            torch.mm(grad_logits, matmul_weight, out=grad_hidden[chunk]).mul_(row_weight[chunk])
+            scaled_rows = (rows * row_weight[chunk]).to(dtype)
+            if grad_weight is None:  # the first chunk's product starts the sum: no (vocab, n_embd) zeros to fill
+                grad_weight = (grad_logits.T @ scaled_rows).float()
+            elif dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, scaled_rows)
+            else:  # a low-precision product, summed over the chunks in fp32
+                grad_weight += grad_logits.T @ scaled_rows
+        if with_grads:
+            # Kept on ctx rather than saved, so that backward can hand them over: autograd then adds the tied
+            # embedding's gradient into them in place instead of into a new (vocab, n_embd) tensor.
+            ctx.grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
+        return loss / num_items
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not hasattr(ctx, "grads"):
+            raise RuntimeError("The loss of `skip_logits=True` hands its gradients over once: it cannot backward "
+                               "twice (retain_graph=True); compute the loss again, or use the plain loss.")
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # loss.backward() passes 1: nothing to scale
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
+    """The causal-LM loss of `transformers`' ForCausalLMLoss (labels shifted inside, -100 ignored, mean or
+    sum / num_items_in_batch), without materializing the (B, T, vocab) logits."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != IGNORE_INDEX).sum()
+    num_items = torch.as_tensor(num_items_in_batch, device=hidden_states.device, dtype=torch.float32)
+    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads)
+
+
+def plain_linear_weight(head: nn.Module, name: str) -> torch.Tensor:
+    """`head`'s weight, which the chunked loss multiplies by in place of calling `head`: refused where `head`'s forward
+    computes more than `x @ weight.T` (an adapter such as LoRA, hooks such as a tensor-parallel plan's, a weight
+    that is a shard or quantized)."""
+    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        kind = type(head)
+        attached = "nn.Linear with forward hooks" if kind is nn.Linear else f"{kind.__module__}.{kind.__qualname__}"
+        raise ValueError(f"skip_logits=True computes the loss from {name}'s weight without calling {name}, which is a "
+                         f"{attached} here: train with skip_logits=False, or merge what is attached first.")
+    if type(head.weight) is not nn.Parameter:
+        raise ValueError(f"skip_logits=True computes the loss from {name}'s weight, which is a "
+                         f"{type(head.weight).__name__} here (sharded or quantized): train with skip_logits=False.")
+    return head.weight
