@@ -65,3 +65,38 @@ def test_anything_but_help_runs_the_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         minigpt_commands.run("minigpt-convert", ["only-a-source", "--", "--help"])  # after "--", a file name
     assert exit_.value.code == 2 and "only-a-source: no such folder" in capsys.readouterr().err
+
+
+REQUIRED = {"pretrain": [], "finetune": ["--model_name_or_path", "runs/model", "--train_file", "train.csv"]}
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_trainer_names_and_near_misses_point_to_the_flag_meant(command, capsys):
+    main = importlib.import_module(f"hf_minigpt.{command}").main
+    for argv, said in ((["--save_steps", "10"], "--save_steps is the Trainer's name; "
+                                                f"minigpt-{command} calls it --checkpointing_steps"),
+                       (["--learning_rte", "3e-4"], "unknown flag --learning_rte (did you mean --learning_rate?)")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--output_dir", "runs/out", *REQUIRED[command], *argv])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[0] == f"minigpt-{command}: error: {said}"
+
+
+def test_a_hub_id_in_the_local_cache_works_offline(tmp_path, model, tokenizer):
+    """As compute nodes without internet run: HF_HUB_OFFLINE=1 and the model in the hub cache (laid out by hand here
+    as huggingface_hub lays it); a hub id that is not cached is said to be neither here nor cached."""
+    snapshot = tmp_path / "hub" / "models--me--tiny" / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    generate = Path(sys.executable).with_name("minigpt-generate")
+    cached = subprocess.run([generate, "me/tiny", "--prompt", "the cat", "--greedy", "--max_new_tokens", "3"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert cached.stdout.startswith("the cat")
+    missing = subprocess.run([generate, "me/other"], capture_output=True, text=True, timeout=120, env=env,
+                             cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "me/other: no such folder here, nor in the local cache of hub models" in missing.stderr

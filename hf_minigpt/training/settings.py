@@ -10,6 +10,7 @@ and the flags given beside it override it.
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import json
 from dataclasses import dataclass, field
@@ -167,6 +168,9 @@ def parse(settings_class, prog: str, description: str, argv=None, defaults: dict
                         "the flags given beside it override them.")
     parser.set_defaults(**(defaults or {}))
     start_from_saved_settings(parser, argv)
+    unknown = parser.parse_known_args(argv)[1]  # before the settings check themselves
+    if unknown:
+        parser.error(unknown_arguments(parser, unknown))
     parsed = parser.parse_args_into_dataclasses(argv, look_for_args_file=False)[:len(groups)]
     settings = settings_class(**dict(zip(groups, parsed)))
     problems = [problem for group in parsed if hasattr(group, "problems") for problem in group.problems()]
@@ -174,6 +178,28 @@ def parse(settings_class, prog: str, description: str, argv=None, defaults: dict
     if problems:
         parser.error("; ".join(problems) + ".")
     return settings
+
+
+# transformers Trainer's names for settings these scripts name otherwise, as users type them.
+TRAINER_NAMES = {"save_steps": "checkpointing_steps", "save_strategy": "checkpointing_steps",
+                 "max_steps": "max_train_steps", "warmup_steps": "num_warmup_steps", "bf16": "mixed_precision bf16",
+                 "fp16": "mixed_precision fp16", "eval_strategy": "eval_steps", "logging_dir": "report_to",
+                 "lr_scheduler": "lr_scheduler_type"}
+
+
+def unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """What the command line holds that no setting takes, with the flag meant where one is near."""
+    known = [option for action in parser._actions for option in action.option_strings]
+    said = []
+    for flag in (item.split("=", 1)[0] for item in unknown if item.startswith("-")):
+        ours = TRAINER_NAMES.get(flag.lstrip("-"))
+        if ours and f"--{ours.split()[0]}" in known:
+            said.append(f"{flag} is the Trainer's name; {parser.prog} calls it --{ours}")
+        elif near := difflib.get_close_matches(flag, known, n=1, cutoff=0.6):
+            said.append(f"unknown flag {flag} (did you mean {near[0]}?)")
+        else:
+            said.append(f"unknown flag {flag}")
+    return "; ".join(said) if said else f"unexpected arguments: {' '.join(unknown)}"
 
 
 def start_from_saved_settings(parser: argparse.ArgumentParser, argv) -> None:
