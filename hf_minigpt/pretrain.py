@@ -11,8 +11,9 @@ runs on CPU, one GPU or many, and on several machines (DDP, or FSDP2 with `scrip
 """
 
 import functools
+import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,8 +92,8 @@ class ModelSettings:
 class EvaluationSettings:
     _argument_group_name = "evaluation and samples"
     eval_steps: int | None = setting(help="Evaluate every N optimizer steps (always at the end).")
-    prompts: list[str] = field(default_factory=lambda: ["Python", "The", "A class"],
-                               metadata={"help": "Sampled at the end."})
+    prompts: list[str] | None = setting(help="Sampled at the end. Default: the first words of three documents of "
+                                        "the validation text, or else of the training text.")
     max_new_tokens: int = setting(48, "Length of each sample (0: no samples).")
 
 
@@ -289,6 +290,7 @@ def train(settings: PretrainSettings, accelerator) -> dict:
         settings, texts, tokenizer, pick_block_size(settings, resume), accelerator)
     accelerator.print(validation_note)
     model = build_model(settings, tokenizer, resume)
+    prompts = settings.evaluation.prompts or opening_words(texts, data.text_column, train_blocks, tokenizer)
     batch_size = settings.optimization.per_device_train_batch_size
     eval_loader = validation_blocks and DataLoader(validation_blocks, batch_size=data.per_device_eval_batch_size)
     if accelerator.is_main_process:
@@ -319,10 +321,28 @@ def train(settings: PretrainSettings, accelerator) -> dict:
     run.fit(lm_loss, after_step=evaluate_every)
     if run.eval_loader is not None and "eval_loss" not in run.last_entry:  # unless this very step was evaluated
         evaluate(accelerator.print)
-    return save_outputs(settings, run, block_size, validation_note)
+    return save_outputs(settings, run, block_size, validation_note, prompts)
 
 
-def save_outputs(settings: PretrainSettings, run: TrainingRun, block_size: int, validation_note: str) -> dict:
+def opening_words(texts: dict, column: str, train_blocks, tokenizer, count: int = 3) -> list[str]:
+    """The first words of `count` documents that open differently, held-out ones first: samples that continue the
+    user's own text. Token shards keep no documents: there, the words that open the first training block."""
+    words = []
+    for split in ("validation", "train"):
+        for row in itertools.islice(texts[split] or [], 1000):
+            first = (row[column] or "").split(maxsplit=1)[:1]
+            if first and first[0] not in words:
+                words.append(first[0])
+            if len(words) == count:
+                return words
+    if not words:
+        block = next(iter(train_blocks))["input_ids"]
+        words = tokenizer.decode(block[:64], skip_special_tokens=True).split()[:1]
+    return words or [""]
+
+
+def save_outputs(settings: PretrainSettings, run: TrainingRun, block_size: int, validation_note: str,
+                 prompts: list[str]) -> dict:
     """Model, tokenizer, results, loss curve and card in --output_dir; samples."""
     accelerator, output_dir = run.accelerator, Path(settings.run.output_dir)
     results = run.summary()
@@ -333,9 +353,9 @@ def save_outputs(settings: PretrainSettings, run: TrainingRun, block_size: int, 
     if accelerator.is_main_process:
         # Samples come from the saved folder, loaded as a user would: this also proves that it loads.
         saved = AutoModelForCausalLM.from_pretrained(output_dir).to(accelerator.device).eval()
-        samples = generate_samples(saved, run.tokenizer, settings.evaluation.prompts,
+        samples = generate_samples(saved, run.tokenizer, prompts,
                                    settings.evaluation.max_new_tokens, settings.run.seed)
-        write_pretraining_card(settings, saved, results, samples, block_size, validation_note)
+        write_pretraining_card(settings, saved, results, samples, block_size, validation_note, prompts[0])
         for text in samples.values():
             print(f"\n{text}\n{'-' * 40}")
         print(f"\nSaved to {output_dir}: " + ", ".join(f"{key} {value:.4g}" for key, value in results.items()))
@@ -360,7 +380,7 @@ def generate_samples(model, tokenizer, prompts, max_new_tokens: int, seed: int) 
 
 
 def write_pretraining_card(settings: PretrainSettings, model, results, samples, block_size,
-                           validation_note: str) -> None:
+                           validation_note: str, example_prompt: str) -> None:
     data, base_model = settings.data, settings.model.model_name_or_path
     if settings.train_shards:
         training_data = f"Token shards from {file_names(data.train_file)}."
@@ -396,7 +416,7 @@ def write_pretraining_card(settings: PretrainSettings, model, results, samples, 
         training_data=training_data,
         procedure="Documents joined with the EOS token and packed into blocks; AdamW (no decay on biases and "
         f"LayerNorm weights), gradient clipping at {settings.optimization.max_grad_norm}, trained with Accelerate.",
-        example_prompt=settings.evaluation.prompts[0],
+        example_prompt=example_prompt,
         base_model=base_model,
         repo_id=settings.hub.hub_model_id,
         samples=samples,

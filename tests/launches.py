@@ -2,6 +2,7 @@
 a time-out or a failure, and checked to have left nothing behind. A hang is a failure, never a wait."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -67,6 +68,16 @@ def run(command: list[str], env: dict, timeout: float = 600, check: bool = True)
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port for a server to listen on, outside the kernel's ephemeral range: a port the kernel hands out (bind to
+    0) can be taken by any outgoing connection between this check and the server's bind, one outside the range only
+    by another listener."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = [port for port in range(10000, 65536) if not low <= port <= high]
+    for port in random.Random(os.getpid()).sample(candidates, 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port outside the ephemeral range")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 import launches
@@ -21,6 +22,7 @@ from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from hf_minigpt.finetune import main
 from hf_minigpt.tasks import MultiLabel, Regression, SingleLabel
 from hf_minigpt.folders import RunFolder
+from hf_minigpt.training.checkpoint import WEIGHTS_AND_OPTIMIZER
 from hf_minigpt.training.report import read_log
 
 PLAIN = [word for word in WORDS if word not in ("red", "blue")]
@@ -155,15 +157,26 @@ def test_single_label_run_learns_and_writes_everything(single_label, data):
 def test_resumed_run_equals_the_uninterrupted_one(single_label, base, data, tmp_path):
     output_dir = tmp_path / "run"
     output_dir.mkdir()
-    # The folder as a run killed after step 15 leaves it: mid-epoch 2, with the best model of epoch 1 (= step 10), and
-    # a log that went on past the checkpoint (the resumed run drops what came after it).
+    # The folder as a run killed after step 15 leaves it: mid-epoch 2, with the best model so far written as a model
+    # folder (epoch 1's weights, those of step 10), and a log that went on past the checkpoint (the resumed run drops
+    # what came after it).
     shutil.copytree(single_label / "step_15", output_dir / "step_15")
-    shutil.copytree(single_label / "step_10", output_dir / "best_model")
+    epoch_1 = AutoModelForSequenceClassification.from_pretrained(single_label)
+    dcp_to_torch_save(single_label / "step_10" / WEIGHTS_AND_OPTIMIZER, tmp_path / "step_10.pt")
+    epoch_1.load_state_dict(torch.load(tmp_path / "step_10.pt")["model"])
+    epoch_1.save_pretrained(output_dir / "best_model")
+    AutoTokenizer.from_pretrained(single_label).save_pretrained(output_dir / "best_model")
     shutil.copy(RunFolder(single_label).log, RunFolder(output_dir).log)
     finetune(base, *SINGLE_RUN, "--train_file", data["train"], "--validation_file", data["validation"],
              "--test_file", data["test"], "--output_dir", str(output_dir), "--resume_from_checkpoint", "latest")
     assert history(output_dir) == history(single_label)
     assert results(output_dir)["eval_loss"] == results(single_label)["eval_loss"]
+    # The model it saves is the uninterrupted run's best, whichever epoch that was: from before the kill or after.
+    inputs = AutoTokenizer.from_pretrained(single_label)(["the red cat sat on the mat"], return_tensors="pt")
+    resumed, uninterrupted = (AutoModelForSequenceClassification.from_pretrained(folder).eval()
+                              for folder in (output_dir, single_label))
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(**inputs).logits, uninterrupted(**inputs).logits, atol=1e-6, rtol=0)
 
 
 def test_two_processes_match_one(single_label, base, data, tmp_path):
@@ -272,6 +285,7 @@ def test_metrics_on_a_known_prediction_set():
 def test_padding_side_does_not_change_the_pooled_token(base, side):
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, side
+    torch.manual_seed(0)  # the new head's weights
     model = MiniGPTForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=tokenizer.pad_token_id)
     texts = ["the red cat sat on the mat", "a dog"]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
@@ -307,6 +321,7 @@ def test_transformers_trainer_fine_tunes_a_classifier(base, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)  # the new head's weights
     model = MiniGPTForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=tokenizer.pad_token_id)
     arguments = TrainingArguments(
         output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=16, learning_rate=2e-3,
@@ -324,6 +339,7 @@ def test_peft_lora_fine_tunes_merges_and_saves(base, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
+    torch.manual_seed(0)  # the new head's weights
     model = MiniGPTForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=tokenizer.pad_token_id)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "c_proj", "c_fc"], task_type="SEQ_CLS")
     peft_model = get_peft_model(model, lora)
@@ -366,7 +382,18 @@ def test_early_stopping_keeps_the_best_epoch(base, data, tmp_path):
     assert len(evaluated) < 12 and found["epoch"] < 12
     best = max(evaluated, key=lambda entry: entry["eval_accuracy"])  # the first of the best, as kept
     assert found["eval_accuracy"] == best["eval_accuracy"] and found["best_epoch"] == evaluated.index(best)
-    assert evaluated[-1]["eval_accuracy"] <= best["eval_accuracy"]  # the last epoch did not improve
+    # The saved weights are the best epoch's, not the last's: scored here on the validation file, they give the
+    # best epoch's validation loss, which the last epoch's differs from.
+    assert abs(evaluated[-1]["eval_loss"] - best["eval_loss"]) > 1e-3
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    with open(data["validation"]) as handle:
+        rows = list(csv.DictReader(handle))
+    with torch.no_grad():
+        logits = torch.cat([model(**tokenizer(row["text"], truncation=True, max_length=128,
+                                              return_tensors="pt")).logits for row in rows])
+    labels = torch.tensor([model.config.label2id[row["label"]] for row in rows])
+    assert torch.nn.functional.cross_entropy(logits, labels).item() == pytest.approx(best["eval_loss"], abs=1e-4)
 
 
 def test_a_run_that_ends_mid_epoch_still_evaluates_and_saves_the_best_model(base, data, tmp_path):

@@ -8,7 +8,7 @@ from transformers import AttentionInterface, StaticCache, TextStreamer, pipeline
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_minigpt import MiniGPTForSequenceClassification
+from hf_minigpt import MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from hf_minigpt.compat_minigpt import CACHE_FIELD
 from hf_minigpt.modeling_minigpt import eager_attention_forward
 
@@ -65,17 +65,28 @@ def record_attention(model, backend):
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_generation_is_the_full_forward_argmax(model, backend, cache_implementation):
+def test_greedy_generation_is_the_full_forward_argmax(backend, cache_implementation):
     """Each new token is the argmax of a plain forward over everything so far, and each decode step feeds the one
-    new token to attention together with the cached keys of all the earlier ones."""
+    new token to attention together with the cached keys of all the earlier ones.
+
+    "The argmax" up to 1e-4 of a logit: a decode step sums attention in another order than a full forward (flex
+    attention's compiled CPU kernels most of all), so two logits closer than that may swap. The model's logits lie
+    apart (weights drawn with a large spread), and each step is checked against the full forward over generate()'s
+    own tokens, so that one such swap is not counted again in every later token."""
     if (backend, cache_implementation) == ("flex_attention", "static"):
         skip_flex_static_before_5_24()
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(tiny_config(initializer_range=0.5)).eval()
     model.set_attn_implementation(backend)
-    expected = greedy_by_hand(model, PROMPT, 8)
     calls = record_attention(model, backend)
     out = model.generate(PROMPT, max_new_tokens=8, min_new_tokens=8, do_sample=False,
                          cache_implementation=cache_implementation)
-    torch.testing.assert_close(out, expected)
+    model.set_attn_implementation(backend)
+    with torch.no_grad():
+        logits = model(out[:, :-1], use_cache=False).logits[0, PROMPT.shape[1] - 1:]  # the step that chose each
+    chosen = logits.gather(-1, out[0, PROMPT.shape[1]:, None]).squeeze(-1)
+    assert (logits.max(-1).values - chosen).max() <= 1e-4, (logits.max(-1).values - chosen)
+    assert (logits.topk(2).values.diff(dim=-1).abs() > 1e-3).all()  # ties are rare: the check stays sharp
     first_layer = [(query_length, key_length) for layer, query_length, key_length in calls if layer == 0]
     assert first_layer[0] == (4, 4 if cache_implementation == "dynamic" else first_layer[0][1])
     decode_steps = first_layer[1:]

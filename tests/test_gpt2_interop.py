@@ -329,6 +329,7 @@ def test_real_gpt2_weights_match_when_present():
 
 def test_gpt2_language_model_loads_as_a_classifier_with_a_fresh_head(gpt2_pair):
     gpt2, _, folder = gpt2_pair
+    torch.manual_seed(0)  # the new head's weights
     classifier = MiniGPTForSequenceClassification.from_pretrained(folder, num_labels=2).eval()
     trunk = gpt2.transformer(INPUTS).last_hidden_state
     torch.testing.assert_close(classifier.transformer(INPUTS).last_hidden_state, trunk, atol=ATOL, rtol=0)

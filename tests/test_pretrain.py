@@ -144,13 +144,16 @@ def test_bad_data_is_refused_before_training(tmp_path, tiny_checkpoint, name, co
     assert not (tmp_path / "out").exists()  # a refused run leaves nothing behind
 
 
-def test_a_mistyped_model_folder_is_named_at_once(tmp_path, capsys):
+def test_a_mistyped_model_folder_is_named_at_once(tmp_path, capsys, monkeypatch):
+    """A path is not a hub id: the hub is not asked (its retries took a minute)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "model_info", lambda *args, **kwargs: pytest.fail("the hub was asked"))
     (tmp_path / "runs" / "pydoc").mkdir(parents=True)
-    started = time.perf_counter()
     message = refused(["--model_name_or_path", str(tmp_path / "runs" / "pydocs"), "--output_dir",
                        str(tmp_path / "out")], capsys)
     assert re.search(r"--model_name_or_path .*runs/pydocs: no such folder\.$", message)
-    assert time.perf_counter() - started < 5 and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_every_usage_mistake_is_listed_in_one_line(tmp_path, capsys):
@@ -300,7 +303,8 @@ def test_interrupted_and_resumed_run_repeats_the_same_losses(uninterrupted, tmp_
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
-    while not (output_dir / "step_20").exists() and process.poll() is None and time.time() < deadline:
+    # Checkpoints come and go (--save_total_limit 2) faster than a poll: wait for any.
+    while not list_checkpoints(output_dir) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=300)
@@ -375,6 +379,21 @@ def test_torch_compile_run_saves_plain_weights(tmp_path):
              "--output_dir", str(tmp_path))
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]  # no `_orig_mod.` names
+
+
+def test_the_samples_continue_the_users_own_text(tmp_path):
+    """Without --prompts, the samples start from the first words of the user's documents, not from words of a
+    corpus they did not train on."""
+    animals = [("Otters", "gather"), ("Herons", "watch"), ("Beavers", "move"), ("Otters", "carry")]
+    text = "".join(f"{animal} {verb} the rocks by the river.\n" for animal, verb in animals)
+    tiny = [arg for arg in TINY if arg not in ("--prompts", "The")]
+    result = launches.run([sys.executable, "-m", "hf_minigpt.pretrain", *tiny, "--train_file",
+                           write(tmp_path / "animals.txt", text), "--output_dir", str(tmp_path / "out"),
+                           "--max_train_steps", "2"], {**os.environ, "OMP_NUM_THREADS": "1"})
+    for word in ("Otters", "Herons", "Beavers"):
+        assert re.search(f"^{word}", result.stdout, re.MULTILINE), word
+    assert not re.search(r"^(Python|A class)\b", result.stdout, re.MULTILINE)
+    assert 'tokenizer("Otters", return_tensors="pt")' in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_data_files_by_glob_saved_folder_and_compression(tmp_path):

@@ -98,7 +98,7 @@ def test_the_toy_gpt_continues_a_sentence_as_the_readme_says(tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
     assert counted.returncode == 0, counted.stderr[-3000:]
     through_pipeline, through_cli = json.loads(counted.stdout.splitlines()[-1])
-    assert through_pipeline >= 18 and through_cli >= 18, (through_pipeline, through_cli)
+    assert through_pipeline == through_cli == 20, (through_pipeline, through_cli)
     # The card says what happened: the vocabulary the tokenizer has, and that nothing was held out.
     card = (tmp_path / TOY_FOLDER / "README.md").read_text()
     vocab_size = json.loads((tmp_path / TOY_FOLDER / "config.json").read_text())["vocab_size"]

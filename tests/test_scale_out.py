@@ -169,11 +169,12 @@ def descendants(pid: int) -> list[int]:
             parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError):
             continue
-    found = [pid]
-    for child, parent in sorted(parents.items()):  # children have higher pids than their parents, mostly
-        if parent in found:
-            found.append(child)
-    return found[1:]
+    found, frontier = [], [pid]
+    while frontier:  # breadth first: pids wrap around, so a child's may be lower than its parent's
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 def test_a_killed_process_ends_the_other_with_one_line(tmp_path):
@@ -192,9 +193,7 @@ def test_a_killed_process_ends_the_other_with_one_line(tmp_path):
         workers = [pid for pid in descendants(pair[1].pid) if "hf_minigpt.pretrain" in
                    Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")]
         os.kill(workers[-1], signal.SIGKILL)  # machine 1's training process
-        killed_at = time.time()
-        survivor = launches.finish(pair[0], timeout=60)
-        assert time.time() - killed_at < 60
+        survivor = launches.finish(pair[0], timeout=60)  # a hang fails here
     finally:
         for machine in pair:
             launches.end(machine)

@@ -1,5 +1,6 @@
 """transformers' own `ModelTesterMixin` run against every MiniGPT class: the library's spec for a model."""
 
+import os
 import sys
 import unittest
 
@@ -21,7 +22,11 @@ try:
     sys.path.insert(0, str(prepare()))
     from transformers_common_tests.test_configuration_common import ConfigTester
     from transformers_common_tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask
-except Exception as error:  # no network and no cached sdist
+except Exception as error:
+    # Outside CI (no network, no cached sdist) the library's spec is skipped, with the reason. In CI a failure to
+    # import it, a missing test dependency or a helper the stand-ins lack, fails the run: skipping would pass it.
+    if os.environ.get("CI"):
+        raise
     pytest.skip(f"transformers' common tests are unavailable: {error}", allow_module_level=True)
 
 # The mixin picks inputs (labels, start/end positions) and skips (no loss on a bare trunk) by looking class

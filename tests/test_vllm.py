@@ -4,6 +4,7 @@ own folder through vLLM's transformers backend, at tensor-parallel size 2."""
 
 import concurrent.futures
 import os
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -107,19 +108,28 @@ def test_the_gpt2_export_served_by_vllm_gives_minigpts_greedy_tokens(server, fol
 def test_the_server_holds_32_concurrent_clients_and_answers_bad_requests_with_4xx(server, folders):
     from openai import BadRequestError, NotFoundError
 
-    openai_client = client(server)
-    deadline = time.time() + 30
+    openai_client, tokenizer = client(server), folders["tokenizer"]
+    start_together, open_requests, lock = threading.Barrier(32), [0, 0], threading.Lock()  # now, most
 
-    def one_client(number: int) -> tuple[int, int]:
-        answered = empty = 0
-        while time.time() < deadline:
-            text = complete(openai_client, PROMPTS[number % len(PROMPTS)], max_tokens=32).choices[0].text
-            answered, empty = answered + 1, empty + (not text)
-        return answered, empty
+    def one_client(number: int) -> list[str]:
+        """Three requests in a row, the first sent with the 31 other clients' first."""
+        start_together.wait(timeout=60)
+        texts = []
+        for request in range(3):
+            with lock:
+                open_requests[0] += 1
+                open_requests[1] = max(open_requests)
+            texts.append(complete(openai_client, PROMPTS[(number + request) % len(PROMPTS)]).choices[0].text)
+            with lock:
+                open_requests[0] -= 1
+        return texts
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        outcomes = list(pool.map(one_client, range(32)))  # an error in any client raises here
-    assert all(answered >= 1 for answered, _ in outcomes) and sum(empty for _, empty in outcomes) == 0
+        answers = list(pool.map(one_client, range(32)))  # an error in any client raises here
+    assert open_requests[1] == 32  # the server held all 32 at once
+    expected = [tokenizer.decode(tokens) for tokens in folders["expected"]]
+    for number, texts in enumerate(answers):  # each answer the greedy tokens of its own prompt, under load too
+        assert texts == [expected[(number + request) % len(PROMPTS)] for request in range(3)], number
 
     with pytest.raises(NotFoundError):
         openai_client.completions.create(model="no-such-model", prompt="The", max_tokens=4)
