@@ -104,11 +104,31 @@ def push(folder, repo_id: str, *, private: bool = False, revision: str | None = 
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def refusal(error: HfHubHTTPError, repo_id: str) -> str:
+    """A push the hub refused, in one line that says what to do. (The error's own text names the request, never the
+    token.)"""
+    status = getattr(error.response, "status_code", None)
+    if status == 401:
+        return ("the hub refused the token (401 Unauthorized): log in with `hf auth login`, or pass a token with "
+                "write access (--token, or HF_TOKEN).")
+    if status == 403:
+        return (f"this token may not write to {repo_id} (403 Forbidden): use a token with write access to "
+                f"{repo_id.split('/')[0]!r}, or push to a repository under your own name.")
+    return f"the hub refused the push: {str(error).splitlines()[0]}"
+
+
 def push_after_training(hub, output_dir, echo=print) -> None:
-    """What a training script's `HubSettings` ask for once the output folder is complete."""
-    if hub.push_to_hub:
+    """What a training script's `HubSettings` ask for once the output folder is complete. A refused push is said in
+    one line, with how to push the saved folder later."""
+    if not hub.push_to_hub:
+        return
+    try:
         push(output_dir, hub.hub_model_id, private=hub.hub_private_repo, token=hub.hub_token, echo=echo,
              commit_message=f"Training results from {Path(output_dir).name}")
+    except (PushError, HfHubHTTPError) as error:
+        reason = refusal(error, hub.hub_model_id) if isinstance(error, HfHubHTTPError) else str(error)
+        print(f"Not pushed: {reason} The model is saved in {output_dir}: `minigpt-push {output_dir} "
+              f"{hub.hub_model_id}` pushes it.", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> None:
@@ -131,8 +151,8 @@ def main(argv=None) -> None:
              commit_message=args.commit_message, token=args.token, endpoint=args.endpoint, dry_run=args.dry_run)
     except PushError as error:
         sys.exit(f"minigpt-push: error: {error}")
-    except HfHubHTTPError as error:  # its message names the request, never the token
-        sys.exit(f"minigpt-push: the hub refused: {error}")
+    except HfHubHTTPError as error:
+        sys.exit(f"minigpt-push: error: {refusal(error, args.repo_id)}")
 
 
 if __name__ == "__main__":

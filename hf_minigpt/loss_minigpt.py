@@ -7,6 +7,7 @@ Travels with `modeling_minigpt.py` in every saved folder (`save_pretrained` copi
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 IGNORE_INDEX = -100
 LOSS_CHUNK_ELEMENTS = 2**25  # logits computed at once: 128 MB in fp32
@@ -98,9 +99,13 @@ def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shif
 def plain_linear_weight(head: nn.Module, name: str) -> torch.Tensor:
     """`head`'s weight, which the chunked loss multiplies by in place of calling `head`: refused where `head`'s forward
     computes more than `x @ weight.T` (an adapter such as LoRA, hooks such as a tensor-parallel plan's, a weight
-    that is a shard or quantized)."""
-    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
-        kind = type(head)
+    that is a shard or quantized). FSDP2's wrapper (a subclass whose hooks gather the weight around forward) is
+    nn.Linear's computation; its weight is checked as any other."""
+    kind = type(head)
+    sharded = issubclass(kind, FSDPModule)
+    if sharded:
+        kind = next(base for base in kind.__mro__ if not issubclass(base, FSDPModule))
+    if kind is not nn.Linear or (not sharded and (head._forward_hooks or head._forward_pre_hooks)):
         attached = "nn.Linear with forward hooks" if kind is nn.Linear else f"{kind.__module__}.{kind.__qualname__}"
         raise ValueError(f"skip_logits=True computes the loss from {name}'s weight without calling {name}, which is a "
                          f"{attached} here: train with skip_logits=False, or merge what is attached first.")

@@ -81,8 +81,8 @@ class MiniGPTAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         head_shape = (batch_size, seq_len, -1, self.head_dim)  # -1: the heads this rank holds
-        query, key, value = (states.view(head_shape).transpose(1, 2) for states in self.project_qkv(hidden_states))
-        # query, key, value: (B, nh, T, hs)
+        query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        query, key, value = (states.view(head_shape).transpose(1, 2) for states in (query, key, value))  # B, nh, T, hs
 
         if cache is not None:
             # (B, nh, S, hs): cached keys, then these. A paged cache (continuous batching) also fills in `kwargs`
@@ -104,10 +104,6 @@ class MiniGPTAttention(nn.Module):
         )
         attn_output = attn_output.reshape(batch_size, seq_len, -1)  # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(attn_output)), attn_weights
-
-    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # (its own method so that int8 decoding can compute the three in one product: hf_minigpt.quantize)
-        return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
 
 
 # GPT-2's "gelu_new" is the tanh approximation of GELU, which PyTorch computes in one kernel instead of seven.

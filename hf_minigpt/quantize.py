@@ -101,10 +101,21 @@ class Int8Linear(nn.Module):
 
 class Int8Attention(MiniGPTAttention):
     """MiniGPT's attention with q, k and v from one int8 product (`qkv_proj`): the same numbers in a third of the
-    calls."""
+    calls. The attention receives the fused product, and its q, k and v projections each take their third."""
 
-    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.qkv_proj(hidden_states).chunk(3, dim=-1)
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return super().forward(self.qkv_proj(hidden_states), *args, **kwargs)
+
+
+class ThirdOf(nn.Module):
+    """q, k or v (`index` 0, 1, 2) of a fused [q | k | v] product."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        return qkv.chunk(3, dim=-1)[self.index]
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -125,7 +136,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     for attention in attentions:
         fused = join_fused(attention.state_dict(prefix="attn."), conv1d=False)  # GPT-2's c_attn, nn.Linear's layout
         attention.qkv_proj = Int8Linear(fused["attn.c_attn.weight"], fused["attn.c_attn.bias"])
-        del attention.q_proj, attention.k_proj, attention.v_proj
+        attention.q_proj, attention.k_proj, attention.v_proj = ThirdOf(0), ThirdOf(1), ThirdOf(2)
         attention.__class__ = Int8Attention
     for name in [name for name, module in model.named_modules()
                  if isinstance(module, nn.Linear) and (".h." in f".{name}" or name == "lm_head")]:

@@ -1,6 +1,12 @@
 """A small in-memory stand-in for the Hugging Face Hub HTTP API, enough for huggingface_hub's real client to
-create a repository, commit files (pre-upload says "regular", so contents travel inside the commit), list them,
-and download them (`resolve`). Nothing like it exists as open source; it runs on 127.0.0.1 in the test.
+create a repository, commit files, list them, and download them (`resolve`). Nothing like it exists as open source;
+it runs on 127.0.0.1 in the test.
+
+As the Hub does, it sends weights (`*.safetensors`) through Git LFS: pre-upload answers "lfs", the client asks the
+LFS batch endpoint where to put the object, PUTs it there, has it verified, and the commit names it by sha256; every
+other file travels inside the commit. (The Hub also offers Xet storage, which huggingface_hub uses where `hf_xet`
+is installed; the tests set HF_HUB_DISABLE_XET=1, so the LFS protocol is what they exercise.) With `writers`, only
+those tokens may write, each to its own namespaces: anything else is refused as the Hub refuses it (401, 403).
 """
 
 import base64
@@ -15,8 +21,11 @@ REPO = r"(?P<repo>[^/]+/[^/]+)"
 
 
 class FakeHub:
-    def __init__(self):
+    def __init__(self, writers: dict[str, set[str]] | None = None):
         self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "branches": {name: {"sha", "files"}}}
+        self.writers = writers  # token -> the namespaces it may write to; None: any request may write
+        self.lfs: dict[str, bytes] = {}  # sha256 -> an object uploaded through LFS
+        self.lfs_paths: set[str] = set()  # the files commits named as LFS objects
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, headers): what the client sent
         self.commits = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
@@ -71,7 +80,23 @@ class FakeHub:
                         return handle(self, **match.groupdict())
                 self.missing("RouteNotFound", f"{self.command} {path}")
 
-            do_GET = do_POST = do_HEAD = route
+            do_GET = do_POST = do_HEAD = do_PUT = route
+
+            def may_write(self, repo: str) -> bool:
+                """As the Hub: no token or an unknown one is 401, a token without rights to the namespace 403."""
+                if hub.writers is None:
+                    return True
+                token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                if token not in hub.writers:
+                    self.reply(401, {"error": "Invalid credentials in Authorization header"},
+                               {"X-Error-Message": "Invalid credentials in Authorization header"})
+                    return False
+                namespace = repo.split("/")[0]
+                if namespace not in hub.writers[token]:
+                    message = f'You don\'t have the rights to create a model under the namespace "{namespace}"'
+                    self.reply(403, {"error": message}, {"X-Error-Message": message})
+                    return False
+                return True
 
             def branch(self, repo: str, revision: str):
                 if repo not in hub.repos:
@@ -85,6 +110,8 @@ class FakeHub:
             def create_repo(self):
                 request = json.loads(self.body())
                 repo = f"{request.get('organization') or 'user'}/{request['name']}"
+                if not self.may_write(repo):
+                    return
                 if repo in hub.repos:
                     return self.reply(409, {"error": "You already created this model repo"})
                 private = request.get("visibility", "public") != "public" or bool(request.get("private"))
@@ -93,7 +120,7 @@ class FakeHub:
                 self.reply(200, {"url": f"{hub.url}/{repo}", "name": repo})
 
             def create_branch(self, repo, branch):
-                main = self.branch(repo, "main")
+                main = self.branch(repo, "main") if self.may_write(repo) else None
                 if main is not None:
                     hub.repos[repo]["branches"].setdefault(branch, {"sha": main["sha"], "files": dict(main["files"])})
                     self.reply(200, {})
@@ -103,19 +130,49 @@ class FakeHub:
                 self.reply(200, {"errors": [], "warnings": []})
 
             def preupload(self, repo, revision):
-                if self.branch(repo, revision) is not None:
-                    files = json.loads(self.body())["files"]
-                    self.reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                               for f in files]})
+                files = json.loads(self.body())["files"]
+                if self.may_write(repo) and self.branch(repo, revision) is not None:
+                    modes = {f["path"]: "lfs" if f["path"].endswith(".safetensors") else "regular" for f in files}
+                    self.reply(200, {"files": [{"path": path, "uploadMode": mode, "shouldIgnore": False}
+                                               for path, mode in modes.items()]})
+
+            def lfs_batch(self, repo):
+                request = json.loads(self.body())
+                if not self.may_write(repo):
+                    return
+                assert request["operation"] == "upload" and "basic" in request["transfers"], request
+                self.reply(200, {"transfer": "basic", "objects": [
+                    {"oid": item["oid"], "size": item["size"], "authenticated": True,
+                     "actions": {"upload": {"href": f"{hub.url}/lfs/{item['oid']}"},
+                                 "verify": {"href": f"{hub.url}/lfs/{item['oid']}/verify"}}}
+                    for item in request["objects"]]}, {"Content-Type": "application/vnd.git-lfs+json"})
+
+            def lfs_upload(self, oid):
+                data = self.body()
+                if hashlib.sha256(data).hexdigest() != oid:
+                    return self.reply(400, {"error": "sha256 mismatch"})
+                hub.lfs[oid] = data
+                self.reply(200, {})
+
+            def lfs_verify(self, oid):
+                request = json.loads(self.body())
+                if request["oid"] not in hub.lfs or len(hub.lfs[request["oid"]]) != request["size"]:
+                    return self.missing("EntryNotFound", f"LFS object {oid} was not uploaded")
+                self.reply(200, {})
 
             def commit(self, repo, revision):
+                lines = [json.loads(line) for line in self.body().splitlines() if line.strip()]
+                if not self.may_write(repo):
+                    return
                 branch = self.branch(repo, revision)
                 if branch is None:
                     return
-                lines = [json.loads(line) for line in self.body().splitlines() if line.strip()]
                 for line in lines:
                     if line["key"] == "file":
                         branch["files"][line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                    elif line["key"] == "lfsFile":
+                        branch["files"][line["value"]["path"]] = hub.lfs[line["value"]["oid"]]
+                        hub.lfs_paths.add(f"{repo}/{line['value']['path']}")
                     elif line["key"] == "deletedFile":
                         branch["files"].pop(line["value"]["path"], None)
                 # A new commit id for every commit: git's depends on the parent; a counter stands in for the tree.
@@ -158,5 +215,8 @@ class FakeHub:
             ("GET", rf"/api/models/{REPO}/revision/(?P<revision>.+)", Handler.repo_info),
             ("GET", rf"/api/models/{REPO}", Handler.repo_info),
             ("GET HEAD", rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<name>.+)", Handler.resolve),
+            ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", Handler.lfs_batch),
+            ("PUT", r"/lfs/(?P<oid>[0-9a-f]{64})", Handler.lfs_upload),
+            ("POST", r"/lfs/(?P<oid>[0-9a-f]{64})/verify", Handler.lfs_verify),
         ]
         return Handler

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -229,7 +230,8 @@ def test_nanogpt_checkpoint_imports_with_the_same_logits(tmp_path, bias):
                   "model": {f"_orig_mod.{name}": tensor for name, tensor in state_dict.items()},  # torch.compile'd
                   "iter_num": 100, "best_val_loss": 1.5, "config": {"dataset": "toy"}}
     torch.save(checkpoint, tmp_path / "ckpt.pt")
-    convert(tmp_path / "ckpt.pt", tmp_path / "out")
+    result = subprocess.run([CONVERT, tmp_path / "ckpt.pt", tmp_path / "out"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     minigpt = MiniGPTForCausalLM.from_pretrained(tmp_path / "out").eval()
     torch.testing.assert_close(minigpt(INPUTS).logits, NanoGPTReference(state_dict, n_layer, n_head)(INPUTS),
                                atol=ATOL, rtol=0)
@@ -281,13 +283,21 @@ class TestBadCheckpoints:
             convert(tmp_path / "evil", tmp_path / "out")
 
 
-def test_convert_cli(gpt2_pair, tmp_path):
-    _, minigpt, folder = gpt2_pair
-    result = subprocess.run([sys.executable, "-m", "hf_minigpt.convert_cli", str(folder), str(tmp_path / "out")],
-                            capture_output=True, text=True)
+CONVERT = Path(sys.executable).with_name("minigpt-convert")  # the installed command
+
+
+def test_convert_cli_both_ways(gpt2_pair, tmp_path):
+    """GPT-2 -> MiniGPT by default, MiniGPT -> GPT-2 by default and with --to gpt2, through the installed command."""
+    reference, minigpt, folder = gpt2_pair
+    result = subprocess.run([CONVERT, folder, tmp_path / "out"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     torch.testing.assert_close(MiniGPTForCausalLM.from_pretrained(tmp_path / "out")(INPUTS).logits,
                                minigpt(INPUTS).logits)
+    for name, to in (("back", []), ("back-to-gpt2", ["--to", "gpt2"])):
+        result = subprocess.run([CONVERT, tmp_path / "out", tmp_path / name, *to], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        back = GPT2LMHeadModel.from_pretrained(tmp_path / name).eval()
+        torch.testing.assert_close(back(INPUTS).logits, reference(INPUTS).logits, atol=ATOL, rtol=0)
     result = subprocess.run([sys.executable, "-m", "hf_minigpt.convert_cli", str(tmp_path / "nowhere"),
                              str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 2 and "no such folder or file" in result.stderr and "Traceback" not in result.stderr

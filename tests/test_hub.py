@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,14 +22,15 @@ TOKEN = "hf_test_secret_token_1234"
 
 @pytest.fixture(scope="module")
 def hub():
-    with FakeHub() as hub:
+    with FakeHub(writers={TOKEN: {"user"}}) as hub:
         yield hub
 
 
-def hub_env(hub, tmp_path) -> dict:
-    # HF_ENDPOINT is read when huggingface_hub is imported: it is set for fresh subprocesses only.
-    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf_home"),
-            "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+def hub_env(hub, tmp_path, token=TOKEN) -> dict:
+    # HF_ENDPOINT is read when huggingface_hub is imported: it is set for fresh subprocesses only. Without Xet
+    # storage, weights go through Git LFS, which the local hub speaks.
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf_home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,11 @@ def test_training_script_pushes_and_the_model_loads_from_the_hub_as_remote_code(
     expected = {"model.safetensors", "config.json", "modeling_minigpt.py", "configuration_minigpt.py",
                 "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "loss.png",
                 "all_results.json"}
+    expected |= {f"{module}_minigpt.py" for module in ("compat", "conversion", "loss")}  # what the model imports
     assert expected <= files.keys() and not any(name.startswith("step_") for name in files)
+    # The weights went through Git LFS, as the Hub takes them; the small files inside the commit.
+    assert {path for path in hub.lfs_paths if path.startswith("user/from-training/")} == {
+        "user/from-training/model.safetensors"}
     assert json.loads(files["config.json"])["auto_map"]["AutoModelForCausalLM"].startswith("modeling_minigpt.")
 
     # A fresh process that cannot import hf_minigpt loads the pushed repository through the hub API.
@@ -99,6 +105,20 @@ def test_push_to_a_private_branch_never_shows_the_token(hub, trained, tmp_path):
     # The token did travel, as a header.
     assert any(headers.get("authorization") == f"Bearer {TOKEN}" for _, path, headers in hub.requests
                if path.startswith("/api/models/user/branched/commit"))
+
+
+@pytest.mark.parametrize("token, repo_id, said", [
+    ("hf_not_a_token", "user/refused", "the hub refused the token (401 Unauthorized): log in with `hf auth login`"),
+    (TOKEN, "someone-else/model", "this token may not write to someone-else/model (403 Forbidden): use a token "
+                                  "with write access to 'someone-else'"),
+])
+def test_a_push_the_hub_refuses_ends_in_one_line_that_says_what_to_do(hub, trained, tmp_path, token, repo_id, said):
+    push = Path(sys.executable).with_name("minigpt-push")
+    result = subprocess.run([push, str(trained), repo_id], capture_output=True, text=True,
+                            env=hub_env(hub, tmp_path, token))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"minigpt-push: error: {said}") and result.stderr.count("\n") == 1
+    assert token not in result.stdout + result.stderr and repo_id not in hub.repos
 
 
 def test_dry_run_assembles_the_folder_and_sends_nothing(hub, trained, capsys):

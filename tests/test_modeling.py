@@ -362,9 +362,9 @@ class TestSkipLogits:
             loss.backward()
 
     def test_a_lora_adapter_on_lm_head_is_refused_in_one_line(self, model):
-        from peft import LoraConfig, get_peft_model
+        peft = pytest.importorskip("peft")  # (not in vLLM's environment, which runs these tests too)
 
-        adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["lm_head"]))
+        adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lm_head"]))
         input_ids = torch.tensor([[3, 4, 5, 6]])
         with pytest.raises(ValueError, match=r"^skip_logits=True .* lm_head.* is a peft\.tuners\.lora\..*Linear here: "
                                              r"train with skip_logits=False, or merge what is attached first\.$"):
