@@ -148,6 +148,10 @@ class MiniGPTBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
+# What says where a checkpoint's config.json is, among from_pretrained's keyword arguments.
+LOCATION_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
+
+
 class MiniGPTPreTrainedModel(PreTrainedModel):
     config: MiniGPTConfig
     base_model_prefix = "transformer"
@@ -182,7 +186,8 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         # another layout, which transformers' loader converts (revisions, shards, dtypes and device maps included).
         checkpoint_type = cls.config_class.model_type
         if pretrained_model_name_or_path is not None and kwargs.get("gguf_file") is None:
-            checkpoint_type = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)[0].get(
+            where = {key: kwargs[key] for key in LOCATION_KWARGS if key in kwargs}  # (not what the loader alone takes)
+            checkpoint_type = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **where)[0].get(
                 "model_type"
             )
         with conversions_registered(cls.__name__, checkpoint_type):

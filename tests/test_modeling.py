@@ -120,6 +120,22 @@ def test_trust_remote_code_loads_without_hf_minigpt(tmp_path, model):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected)
 
 
+def test_loading_the_readmes_way_prints_nothing_but_the_loading_bar(tmp_path, model, tokenizer):
+    """As remote code and through pipeline, as the README and the model card load a folder: no warning on stderr,
+    only the bar transformers draws while it loads any model's weights."""
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    script = textwrap.dedent(f"""
+        from transformers import AutoModelForCausalLM, pipeline
+        AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        pipeline("text-generation", model={str(tmp_path)!r}, trust_remote_code=True)("the cat", max_new_tokens=2)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in printed if not line.startswith("Loading weights")] == []
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_eager_and_sdpa_agree(model, padded):
     input_ids = ids([3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14])
