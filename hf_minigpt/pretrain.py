@@ -41,6 +41,7 @@ from .training.tokens import (
     StreamedBlocks,
     TokenBlocks,
     fit_embeddings,
+    token_byte_lengths,
     read_shards,
     starting_documents,
     token_shards,
@@ -264,16 +265,30 @@ def lm_loss(model, batch) -> torch.Tensor:
     return model(**batch, labels=batch["input_ids"], use_cache=False, skip_logits=True).loss
 
 
-def validation_loss(model, loader, accelerator) -> float:
+def validation_metrics(model, loader, accelerator, token_bytes: torch.Tensor) -> dict:
+    """The mean next-token loss over the validation blocks, its perplexity, and bits per byte: the loss summed over
+    the text's tokens, in bits, over the bytes they stand for (special tokens count in neither)."""
     model.eval()
-    losses = []
+    per_block = []  # each block's nats, tokens, nats of its text tokens, and their bytes
     for batch in loader:
-        with torch.no_grad():
-            loss = lm_loss(model, batch)
-        # Every block has the same length, so the mean over blocks is the mean over tokens.
-        losses.append(accelerator.gather_for_metrics(loss.repeat(len(batch["input_ids"]))))
+        rows = []
+        for row in range(len(batch["input_ids"])):  # one block's (tokens, vocab) logits at a time
+            block = {key: value[row: row + 1] for key, value in batch.items()}
+            with torch.no_grad():
+                logits = model(**block, use_cache=False).logits[0, :-1].float()
+            targets = block["input_ids"][0, 1:]
+            nats = torch.nn.functional.cross_entropy(logits, targets, reduction="none").double()
+            lengths = token_bytes.to(targets.device)[targets]
+            rows.append(torch.stack([nats.sum(), nats.new_tensor(len(nats)), (nats * (lengths > 0)).sum(),
+                                     lengths.sum().double()]))
+        per_block.append(accelerator.gather_for_metrics(torch.stack(rows)).cpu())  # (without a ragged tail's repeats)
+    totals = torch.cat(per_block).sum(0)
     model.train()
-    return torch.cat(losses).mean().item()
+    loss = (totals[0] / totals[1]).item()
+    metrics = {"eval_loss": loss, "perplexity": perplexity(loss)}
+    if totals[3] > 0:
+        metrics["bits_per_byte"] = (totals[2] / (math.log(2) * totals[3])).item()
+    return metrics
 
 
 def perplexity(loss: float) -> float:
@@ -308,10 +323,12 @@ def train(settings: PretrainSettings, accelerator) -> dict:
         f"{accelerator.num_processes} process(es)."
     )
 
+    token_bytes = token_byte_lengths(tokenizer, model.config.vocab_size)
+
     def evaluate(write) -> None:
-        loss = validation_loss(run.model, run.eval_loader, accelerator)
-        run.log({"eval_loss": loss, "perplexity": perplexity(loss)}, "eval")
-        write(f"step {run.step}: eval_loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+        metrics = validation_metrics(run.model, run.eval_loader, accelerator, token_bytes)
+        run.log(metrics, "eval")
+        write(f"step {run.step}: " + ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
 
     def evaluate_every(step, write) -> None:
         every = settings.evaluation.eval_steps
@@ -348,7 +365,8 @@ def save_outputs(settings: PretrainSettings, run: TrainingRun, block_size: int, 
     results = run.summary()
     results["train_tokens"] = results["train_steps"] * run.items_per_step
     if "eval_loss" in run.last_entry:
-        results["eval_loss"], results["perplexity"] = run.last_entry["eval_loss"], run.last_entry["perplexity"]
+        results.update({key: run.last_entry[key] for key in ("eval_loss", "perplexity", "bits_per_byte")
+                        if key in run.last_entry})
     run.save(results)
     if accelerator.is_main_process:
         # Samples come from the saved folder, loaded as a user would: this also proves that it loads.
@@ -403,7 +421,7 @@ def write_pretraining_card(settings: PretrainSettings, model, results, samples, 
         "mixed precision": settings.run.mixed_precision or "accelerate default",
         "seed": settings.run.seed,
     }
-    metrics = {key: results[key] for key in ("perplexity", "eval_loss") if key in results}
+    metrics = {key: results[key] for key in ("perplexity", "eval_loss", "bits_per_byte") if key in results}
     write_model_card(
         settings.run.output_dir,
         model=model,

@@ -1,6 +1,7 @@
 """minigpt-pretrain: packing, bad input, and whole runs (resume, signals, divergence, two processes)."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -506,3 +507,28 @@ def test_text_files_fall_into_documents_at_blank_lines_or_else_at_every_line(tmp
             else:
                 documents[-1] += piece["text"]
         assert documents == expected and len(pieces) > len(documents)
+
+
+def test_bits_per_byte_is_the_validation_texts_loss_in_bits_over_its_bytes(tmp_path):
+    """Comparable across tokenizers: the loss summed over the text's tokens, in bits, over the text's UTF-8 bytes.
+    Here computed by hand from the saved model, on a one-line validation text with a two-byte character."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    colours = ("red", "blue", "green", "black", "white")
+    train = write(tmp_path / "train.txt", "".join(f"the {colour} cat sat on the mat.\n" for colour in colours) * 8)
+    line = "the blue cat sat on the naïve mat."
+    output_dir = tmp_path / "out"
+    pretrain("--train_file", train, "--validation_file", write(tmp_path / "validation.txt", line + "\n"),
+             "--output_dir", str(output_dir), "--max_train_steps", "20")
+    results = json.loads((output_dir / "all_results.json").read_text())
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(output_dir), AutoTokenizer.from_pretrained(output_dir)
+    ids = tokenizer(line).input_ids  # after the end-of-text token, as every document was read
+    assert ids[0] == tokenizer.eos_token_id and len(ids) <= 32 and len(line.encode()) == len(line) + 1
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1]
+    nats = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+    assert results["bits_per_byte"] == pytest.approx(nats / (math.log(2) * len(line.encode())), rel=1e-4)
+    assert results["eval_loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-4)
+    card = ModelCard.load(output_dir / "README.md")
+    index = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert index["bits_per_byte"] == pytest.approx(results["bits_per_byte"], abs=1e-4)

@@ -67,6 +67,20 @@ def fit_embeddings(model, tokenizer) -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
+def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
+    """How many bytes of text each token id stands for (0 for special tokens and ids the tokenizer lacks): what turns
+    a loss per token into bits per byte, which compares models whatever their tokenizers. A byte-level BPE token is
+    one character per byte; other tokenizers' are measured by decoding them alone."""
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
+    special = set(tokenizer.all_special_ids)
+    for token_id in range(min(len(tokenizer), vocab_size)):
+        if token_id not in special:
+            text = tokenizer.convert_ids_to_tokens(token_id) if byte_level else tokenizer.decode([token_id])
+            lengths[token_id] = len(text) if byte_level else len(text.encode("utf-8"))
+    return lengths
+
+
 def token_ids(texts, tokenizer, column: str, workers: int | None = None):
     """The documents' token ids, in pieces ("input_ids"), each document after an EOS (see `starting_documents`)."""
     eos = tokenizer.eos_token_id
