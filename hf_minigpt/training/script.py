@@ -77,10 +77,9 @@ def resume_advice(output_dir) -> str:
 
 def keep_large_blocks_out_of_the_heap(threshold: int = 8 << 20) -> None:
     """glibc's malloc raises its mmap threshold to the largest block freed (up to 32 MB), after which blocks of that
-    size come from its heap. A long evaluation on a busy CPU, allocating and freeing (rows, vocab) loss buffers of
-    16 MB, fragmented that heap until the process held 8 GB (measured: 1,239 batches, both cores shared). A fixed
-    threshold gives blocks above it their own mapping, returned when freed: 0.8 GB in the same run, steps 2-3%
-    slower at the default model's shape."""
+    size come from its heap. A long evaluation, allocating and freeing (rows, vocab) loss buffers of that size, can
+    fragment the heap until the process holds gigabytes. A fixed threshold gives blocks above it their own mapping,
+    returned to the system when freed. (The measurements are in the commit that added this.)"""
     libc = ctypes.util.find_library("c")
     if sys.platform.startswith("linux") and libc:
         mallopt = getattr(ctypes.CDLL(libc), "mallopt", None)  # glibc's; musl has none
