@@ -38,14 +38,23 @@ def gpt2_config(**overrides):
     return GPT2Config(**{**values, **overrides})
 
 
-@pytest.fixture(params=list(GPT2_VARIANTS), scope="module")
-def gpt2_pair(request, tmp_path_factory):
+def saved_pair(variant: str, folder):
     """A random GPT2LMHeadModel saved as a checkpoint, and MiniGPT loaded from that checkpoint."""
-    folder = tmp_path_factory.mktemp(request.param)
     torch.manual_seed(0)
-    reference = GPT2LMHeadModel(gpt2_config(**GPT2_VARIANTS[request.param])).eval()
+    reference = GPT2LMHeadModel(gpt2_config(**GPT2_VARIANTS[variant])).eval()
     reference.save_pretrained(folder)
     return reference, MiniGPTForCausalLM.from_pretrained(folder).eval(), folder
+
+
+@pytest.fixture(params=list(GPT2_VARIANTS), scope="module")
+def gpt2_pair(request, tmp_path_factory):
+    return saved_pair(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module")
+def plain_pair(tmp_path_factory):
+    """The plain variant alone, for what does not depend on the architecture's options."""
+    return saved_pair("plain", tmp_path_factory.mktemp("plain"))
 
 
 INPUTS = torch.tensor([[5, 17, 33, 2, 61, 7, 8, 90], [11, 12, 13, 14, 15, 16, 17, 18]])
@@ -286,9 +295,9 @@ class TestBadCheckpoints:
 CONVERT = Path(sys.executable).with_name("minigpt-convert")  # the installed command
 
 
-def test_convert_cli_both_ways(gpt2_pair, tmp_path):
+def test_convert_cli_both_ways(plain_pair, tmp_path):
     """GPT-2 -> MiniGPT by default, MiniGPT -> GPT-2 by default and with --to gpt2, through the installed command."""
-    reference, minigpt, folder = gpt2_pair
+    reference, minigpt, folder = plain_pair
     result = subprocess.run([CONVERT, folder, tmp_path / "out"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     torch.testing.assert_close(MiniGPTForCausalLM.from_pretrained(tmp_path / "out")(INPUTS).logits,
@@ -426,14 +435,14 @@ def test_gpt2_checkpoints_load_by_hub_id_into_every_head(tmp_path):
     assert {name: gap for name, gap in results.items() if gap > ATOL} == {}, results
 
 
-def test_loads_at_once_each_get_their_checkpoints_conversions(gpt2_pair, tmp_path):
+def test_loads_at_once_each_get_their_checkpoints_conversions(plain_pair, tmp_path):
     """A GPT-2 checkpoint and a MiniGPT folder loaded in threads at once: transformers keeps conversions per class,
     process-wide, and each load needs its own. Afterwards no MiniGPT conversion is left registered."""
     from concurrent.futures import ThreadPoolExecutor
 
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-    reference, minigpt, folder = gpt2_pair
+    reference, minigpt, folder = plain_pair
     minigpt.save_pretrained(tmp_path / "minigpt")
     sources = [folder, tmp_path / "minigpt"] * 4
     with ThreadPoolExecutor(4) as pool:
@@ -444,14 +453,14 @@ def test_loads_at_once_each_get_their_checkpoints_conversions(gpt2_pair, tmp_pat
     assert not get_checkpoint_conversion_mapping("MiniGPTForCausalLM")
 
 
-def test_a_conversion_mapping_the_user_registered_is_used_and_kept(gpt2_pair, tmp_path):
+def test_a_conversion_mapping_the_user_registered_is_used_and_kept(plain_pair, tmp_path):
     from transformers.conversion_mapping import (
         get_checkpoint_conversion_mapping,
         register_checkpoint_conversion_mapping,
     )
     from transformers.core_model_loading import WeightRenaming
 
-    _, minigpt, _ = gpt2_pair
+    _, minigpt, _ = plain_pair
     renamed = {name.replace("ln_f.", "final_norm."): tensor for name, tensor in minigpt.state_dict().items()
                if name != "lm_head.weight"}
     minigpt.save_pretrained(tmp_path)

@@ -411,6 +411,7 @@ torch.save({"tokens": out.sequences, "logits": torch.stack(out.logits)}, sys.arg
 BUSY = "import torch\nx = torch.randn(1500, 1500)\nwhile True:\n    x @ x"
 
 
+@pytest.mark.slow
 def test_two_processes_decode_bit_identical_logits_one_beside_a_busy_neighbour(tmp_path):
     """What the model computes depends on nothing timed: the 124M model at batch 8, in a quiet process and in one
     beside a process keeping both cores busy."""
