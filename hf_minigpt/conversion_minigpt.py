@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import conversion_mapping
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, Transpose, WeightConverter, WeightRenaming
 
@@ -61,25 +62,27 @@ def loading_conversions(checkpoint_type: str | None) -> list:
     return conversions
 
 
-_registering = threading.Lock()
+_registering = threading.RLock()
 
 
 @contextmanager
 def conversions_registered(class_name: str, checkpoint_type: str | None):
     """`loading_conversions(checkpoint_type)` registered for `class_name` for the time of one load.
 
-    transformers looks conversions up by class, in a registry of its own, while they depend on the checkpoint: so
-    loads take turns, and each leaves the registry as it found it. A mapping the user registered for the class
-    is used instead, and kept."""
+    transformers looks conversions up by class or model type, in a registry of its own, while MiniGPT's depend on
+    the checkpoint: so loads take turns, and each leaves the registry as it found it. A mapping the user registered
+    for the class or for "minigpt" is used instead, and kept."""
     with _registering:
-        if get_checkpoint_conversion_mapping(class_name):
+        if get_checkpoint_conversion_mapping(class_name) is not None or get_checkpoint_conversion_mapping("minigpt"):
             yield
             return
         register_checkpoint_conversion_mapping(class_name, loading_conversions(checkpoint_type), overwrite=True)
         try:
             yield
         finally:
-            register_checkpoint_conversion_mapping(class_name, [], overwrite=True)
+            # transformers has no call that removes an entry: its registry is a module-level dict (5.19 to 5.25).
+            conversion_mapping._checkpoint_conversion_mapping_cache.pop(class_name, None)
+            conversion_mapping.USER_REGISTERED_MAPPINGS.discard(class_name)
 
 
 def _match(name: str, side: str) -> tuple[TensorMap | None, str]:

@@ -11,6 +11,8 @@ _MOVED.update({name: getattr(_gpt2, name) for name in ("convert_gpt2_to_minigpt"
 
 
 def __getattr__(name: str):
+    if name in export.RENAMED:
+        return getattr(export, name)  # (renamed since: its own warning)
     if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     warnings.warn(f"hf_minigpt.convert.{name} moved to hf_minigpt.export", FutureWarning, stacklevel=2)

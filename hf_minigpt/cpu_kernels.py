@@ -6,7 +6,7 @@ Decoding multiplies one row per sequence by every weight. On some CPUs the BLAS'
 slow for so few rows, and one batched product over views of W, a block of output features each, is faster: same
 weights, same layout, results equal to a rounding. Which CPUs is a rule read from the machine (`CPU`): the BLAS, the
 CPU's vendor (MKL picks other kernels on AMD CPUs) and the vector instructions PyTorch uses. Nothing is timed. A rule
-can be forced by passing a `CPU`; docs/speed.md gives the measurements behind each rule.
+can be forced by passing a `CPU`; docs/deployment.md gives the measurements behind each rule.
 """
 
 import os
@@ -19,7 +19,7 @@ from torch import nn
 BLOCK = 128  # output features per block
 
 # (BLAS, vendor, PyTorch's vector instructions) -> the fewest and the most rows a product takes in blocks. CPUs not
-# listed keep the plain product: each rule comes from a CPU of that kind measured (docs/speed.md).
+# listed keep the plain product: each rule comes from a CPU of that kind measured (docs/deployment.md).
 BLOCKED_ROWS = {
     ("mkl", "GenuineIntel", "AVX512"): (4, 12),
     ("mkl", "AuthenticAMD", "AVX512"): (1, 16),
@@ -35,8 +35,9 @@ class CPU:
     @classmethod
     def this_machine(cls) -> "CPU":
         vector = torch.backends.cpu.get_cpu_capability()
-        if os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper().startswith("AVX2"):
-            vector = "AVX2"  # MKL held to its AVX2 kernels
+        held = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
+        if held and not held.startswith("AVX512"):
+            vector = held.split("_E")[0]  # MKL held to fewer instructions (AVX2, AVX2_E1, AVX, SSE4_2)
         return cls("mkl" if torch.backends.mkl.is_available() else "other", cpu_vendor(), vector)
 
     @property

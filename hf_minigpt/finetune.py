@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
-from .hub import push_after_training
 from .folders import RunFolder, atomic_file, model_source_problem, save_model_folder
+from .hub import push_after_training
 from .tasks import METRICS, SingleLabel, Task
 from .training.checkpoint import gathered_model, load_whole_weights
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
@@ -304,8 +304,9 @@ def save_outputs(settings: FinetuneSettings, run, encoded, collate, task: Task, 
         summary = {key: value for key, value in results.items() if isinstance(value, (int, float))}
         print(f"Saved the best model (epoch {best['epoch']}) to {folder.path}: "
               + ", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
-        push_after_training(settings.hub, folder.path)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        push_after_training(settings.hub, folder.path)
     return results
 
 

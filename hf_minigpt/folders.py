@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-
 CONFIG = "config.json"  # transformers' name; a folder that has it holds a whole model
 
 

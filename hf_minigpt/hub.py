@@ -19,13 +19,17 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoTokenizer
 
-from .cli import ArgumentParser, quiet_loading
 from . import AUTO_CLASSES, MiniGPTConfig
+from .cli import ArgumentParser, quiet_loading
 from .folders import RunFolder, save_model_folder
 
 
 class PushError(ValueError):
     """A folder that must not be pushed as it is."""
+
+
+class PushRefused(Exception):
+    """A training run's model is saved, but its push was refused: the script ends with a failure status."""
 
 
 def load_pushable_model(folder: Path):
@@ -118,8 +122,8 @@ def refusal(error: HfHubHTTPError, repo_id: str) -> str:
 
 
 def push_after_training(hub, output_dir, echo=print) -> None:
-    """What a training script's `HubSettings` ask for once the output folder is complete. A refused push is said in
-    one line, with how to push the saved folder later."""
+    """What a training script's `HubSettings` ask for once the output folder is complete (the main process only). A
+    refused push raises PushRefused, whose one line says how to push the saved folder later."""
     if not hub.push_to_hub:
         return
     try:
@@ -127,8 +131,8 @@ def push_after_training(hub, output_dir, echo=print) -> None:
              commit_message=f"Training results from {Path(output_dir).name}")
     except (PushError, HfHubHTTPError) as error:
         reason = refusal(error, hub.hub_model_id) if isinstance(error, HfHubHTTPError) else str(error)
-        print(f"Not pushed: {reason} The model is saved in {output_dir}: `minigpt-push {output_dir} "
-              f"{hub.hub_model_id}` pushes it.", file=sys.stderr, flush=True)
+        raise PushRefused(f"not pushed: {reason} The model is saved in {output_dir}: `minigpt-push {output_dir} "
+                          f"{hub.hub_model_id}` pushes it.") from error
 
 
 def main(argv=None) -> None:

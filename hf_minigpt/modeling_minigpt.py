@@ -34,7 +34,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .compat_minigpt import CACHE_FIELD, accepts_past_key_values, slice_logits_to_keep
 from .configuration_minigpt import MiniGPTConfig
-from .conversion_minigpt import conversions_registered
+from .conversion_minigpt import GPT2_ONLY_TENSORS, conversions_registered
 from .loss_minigpt import chunked_lm_loss, plain_linear_weight
 
 
@@ -167,8 +167,8 @@ class MiniGPTPreTrainedModel(PreTrainedModel):
         "hidden_states": MiniGPTBlock,
         "attentions": OutputRecorder(MiniGPTAttention, index=1),
     }
-    # GPT-2 checkpoints from older transformers versions store the causal mask as a buffer; we build masks instead.
-    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
+    # What GPT-2 checkpoints hold that MiniGPT has no place for (the causal mask of older releases, a second head).
+    _keys_to_ignore_on_load_unexpected = [GPT2_ONLY_TENSORS.pattern]
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from . import MiniGPTConfig, MiniGPTForCausalLM
 from .folders import model_source_problem
 from .hub import push_after_training
+from .loss_minigpt import IGNORE_INDEX
 from .training.data import DataError, check_columns, embedded_corpus, hold_out, load_files, pieces, train_loader
 from .training.loop import TrainingRun
 from .training.report import evaluated_on, file_names, optimization_rows, write_model_card
@@ -41,9 +42,9 @@ from .training.tokens import (
     StreamedBlocks,
     TokenBlocks,
     fit_embeddings,
-    token_byte_lengths,
     read_shards,
     starting_documents,
+    token_byte_lengths,
     token_shards,
     tokenize_to_shard,
     train_tokenizer,
@@ -93,8 +94,8 @@ class ModelSettings:
 class EvaluationSettings:
     _argument_group_name = "evaluation and samples"
     eval_steps: int | None = setting(help="Evaluate every N optimizer steps (always at the end).")
-    prompts: list[str] | None = setting(help="Sampled at the end. Default: the first words of three documents of "
-                                        "the validation text, or else of the training text.")
+    prompts: list[str] | None = setting(help="Sampled at the end. Default: the first words of three texts of "
+                                        "--validation_file, or else of the training text.")
     max_new_tokens: int = setting(48, "Length of each sample (0: no samples).")
 
 
@@ -260,29 +261,32 @@ def build_model(settings: PretrainSettings, tokenizer, resume: Path | None) -> M
 # Training
 
 
-def lm_loss(model, batch) -> torch.Tensor:
+def lm_loss(model, batch, labels=None) -> torch.Tensor:
+    """The mean next-token loss of `labels` (by default the batch's own tokens; -100 is not predicted)."""
     # No KV cache when nothing is decoded: without one, restarting `position_ids` mark packed documents.
-    return model(**batch, labels=batch["input_ids"], use_cache=False, skip_logits=True).loss
+    labels = batch["input_ids"] if labels is None else labels
+    return model(**batch, labels=labels, use_cache=False, skip_logits=True).loss
 
 
 def validation_metrics(model, loader, accelerator, token_bytes: torch.Tensor) -> dict:
     """The mean next-token loss over the validation blocks, its perplexity, and bits per byte: the loss summed over
-    the text's tokens, in bits, over the bytes they stand for (special tokens count in neither)."""
+    the text's tokens, in bits, over the bytes they stand for (special tokens count in neither). Two passes of the
+    memory-saving loss per batch: over every token, and over the text's tokens alone."""
     model.eval()
-    per_block = []  # each block's nats, tokens, nats of its text tokens, and their bytes
+    sums = []  # per batch: nats and targets over every token, nats and bytes over the text's tokens
     for batch in loader:
-        rows = []
-        for row in range(len(batch["input_ids"])):  # one block's (tokens, vocab) logits at a time
-            block = {key: value[row: row + 1] for key, value in batch.items()}
-            with torch.no_grad():
-                logits = model(**block, use_cache=False).logits[0, :-1].float()
-            targets = block["input_ids"][0, 1:]
-            nats = torch.nn.functional.cross_entropy(logits, targets, reduction="none").double()
-            lengths = token_bytes.to(targets.device)[targets]
-            rows.append(torch.stack([nats.sum(), nats.new_tensor(len(nats)), (nats * (lengths > 0)).sum(),
-                                     lengths.sum().double()]))
-        per_block.append(accelerator.gather_for_metrics(torch.stack(rows)).cpu())  # (without a ragged tail's repeats)
-    totals = torch.cat(per_block).sum(0)
+        lengths = token_bytes.to(batch["input_ids"].device)[batch["input_ids"]]
+        text_labels = batch["input_ids"].masked_fill(lengths == 0, IGNORE_INDEX)
+        targets, text_targets = lengths[:, 1:].numel(), (lengths[:, 1:] > 0).sum()
+        with torch.no_grad():
+            nats = lm_loss(model, batch).double() * targets
+            text_nats = (lm_loss(model, batch, text_labels).double() * text_targets if text_targets
+                         else nats.new_zeros(()))
+        batch_sums = torch.stack([nats, nats.new_tensor(targets), text_nats, lengths[:, 1:].sum().double()])
+        # A share per block, so that gathering drops the blocks a ragged last batch repeats on some processes.
+        rows = len(batch["input_ids"])
+        sums.append(accelerator.gather_for_metrics((batch_sums / rows).expand(rows, 4).contiguous()).sum(0).cpu())
+    totals = torch.stack(sums).sum(0)
     model.train()
     loss = (totals[0] / totals[1]).item()
     metrics = {"eval_loss": loss, "perplexity": perplexity(loss)}
@@ -305,7 +309,9 @@ def train(settings: PretrainSettings, accelerator) -> dict:
         settings, texts, tokenizer, pick_block_size(settings, resume), accelerator)
     accelerator.print(validation_note)
     model = build_model(settings, tokenizer, resume)
-    prompts = settings.evaluation.prompts or opening_words(texts, data.text_column, train_blocks, tokenizer)
+    prompts = None  # (sampled by the main process only)
+    if accelerator.is_main_process:
+        prompts = settings.evaluation.prompts or opening_words(texts, data.text_column, train_blocks, tokenizer)
     batch_size = settings.optimization.per_device_train_batch_size
     eval_loader = validation_blocks and DataLoader(validation_blocks, batch_size=data.per_device_eval_batch_size)
     if accelerator.is_main_process:
@@ -342,8 +348,8 @@ def train(settings: PretrainSettings, accelerator) -> dict:
 
 
 def opening_words(texts: dict, column: str, train_blocks, tokenizer, count: int = 3) -> list[str]:
-    """The first words of `count` documents that open differently, held-out ones first: samples that continue the
-    user's own text. Token shards keep no documents: there, the words that open the first training block."""
+    """The first words of `count` texts that open differently, from --validation_file where one is given: samples
+    that continue the user's own text. Token shards keep no text: there, the words that open the first block."""
     words = []
     for split in ("validation", "train"):
         for row in itertools.islice(texts[split] or [], 1000):
@@ -377,8 +383,9 @@ def save_outputs(settings: PretrainSettings, run: TrainingRun, block_size: int, 
         for text in samples.values():
             print(f"\n{text}\n{'-' * 40}")
         print(f"\nSaved to {output_dir}: " + ", ".join(f"{key} {value:.4g}" for key, value in results.items()))
-        push_after_training(settings.hub, output_dir)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        push_after_training(settings.hub, output_dir)
     return results
 
 

@@ -339,7 +339,6 @@ def test_peft_lora_fine_tunes_merges_and_saves(base, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
-    torch.manual_seed(0)  # the new head's weights
     model = MiniGPTForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=tokenizer.pad_token_id)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "c_proj", "c_fc"], task_type="SEQ_CLS")
     peft_model = get_peft_model(model, lora)

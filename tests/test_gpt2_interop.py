@@ -450,14 +450,12 @@ def test_loads_at_once_each_get_their_checkpoints_conversions(plain_pair, tmp_pa
     expected = reference(INPUTS).logits
     for model in loaded:
         torch.testing.assert_close(model(INPUTS).logits, expected, atol=ATOL, rtol=0)
-    assert not get_checkpoint_conversion_mapping("MiniGPTForCausalLM")
+    assert get_checkpoint_conversion_mapping("MiniGPTForCausalLM") is None
 
 
-def test_a_conversion_mapping_the_user_registered_is_used_and_kept(plain_pair, tmp_path):
-    from transformers.conversion_mapping import (
-        get_checkpoint_conversion_mapping,
-        register_checkpoint_conversion_mapping,
-    )
+@pytest.mark.parametrize("key", ["MiniGPTForCausalLM", "minigpt"])  # by class, or by model type
+def test_a_conversion_mapping_the_user_registered_is_used_and_kept(plain_pair, tmp_path, key):
+    from transformers import conversion_mapping
     from transformers.core_model_loading import WeightRenaming
 
     _, minigpt, _ = plain_pair
@@ -465,11 +463,11 @@ def test_a_conversion_mapping_the_user_registered_is_used_and_kept(plain_pair, t
                if name != "lm_head.weight"}
     minigpt.save_pretrained(tmp_path)
     save_file(renamed, tmp_path / "model.safetensors")
-    register_checkpoint_conversion_mapping("MiniGPTForCausalLM", [WeightRenaming(r"final_norm\.", "ln_f.")],
-                                           overwrite=True)
+    conversion_mapping.register_checkpoint_conversion_mapping(key, [WeightRenaming(r"final_norm\.", "ln_f.")])
     try:
         loaded = MiniGPTForCausalLM.from_pretrained(tmp_path).eval()
-        assert len(get_checkpoint_conversion_mapping("MiniGPTForCausalLM")) == 1
-    finally:
-        register_checkpoint_conversion_mapping("MiniGPTForCausalLM", [], overwrite=True)
+        assert len(conversion_mapping.get_checkpoint_conversion_mapping(key)) == 1
+    finally:  # (the registry has no call that removes an entry)
+        conversion_mapping._checkpoint_conversion_mapping_cache.pop(key)
+        conversion_mapping.USER_REGISTERED_MAPPINGS.discard(key)
     torch.testing.assert_close(loaded(INPUTS).logits, minigpt(INPUTS).logits, atol=0, rtol=0)

@@ -121,6 +121,18 @@ def test_a_push_the_hub_refuses_ends_in_one_line_that_says_what_to_do(hub, train
     assert token not in result.stdout + result.stderr and repo_id not in hub.repos
 
 
+def test_a_refused_push_after_training_keeps_the_model_and_fails_the_run(hub, tmp_path):
+    output_dir = tmp_path / "run"
+    result = pretrain("--max_train_steps", "2", "--output_dir", str(output_dir), "--push_to_hub", "--hub_model_id",
+                      "user/refused-after-training", env=hub_env(hub, tmp_path, "hf_not_a_token"), check=False)
+    assert result.returncode == 1  # `train && deploy` stops
+    assert result.stderr.strip().splitlines()[-1] == (
+        "minigpt-pretrain: not pushed: the hub refused the token (401 Unauthorized): log in with `hf auth login`, or "
+        "pass a token with write access (--token, or HF_TOKEN). The model is saved in "
+        f"{output_dir}: `minigpt-push {output_dir} user/refused-after-training` pushes it.")
+    assert (output_dir / "model.safetensors").is_file() and "Traceback" not in result.stderr
+
+
 def test_dry_run_assembles_the_folder_and_sends_nothing(hub, trained, capsys):
     before = len(hub.requests)
     push_main([str(trained), "user/dry", "--dry-run", "--endpoint", hub.url])

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 PACKAGE = Path(__file__).parents[1] / "hf_minigpt"
 # The files `save_pretrained` copies beside the weights: the model and the sibling modules it imports.
@@ -127,3 +128,20 @@ def test_the_old_convert_module_still_answers_with_a_warning():
         assert hf_minigpt.convert.gpt2_tokenizer is hf_minigpt.export.gpt2_tokenizer
     with pytest.raises(AttributeError):
         hf_minigpt.convert.no_such_name
+
+
+def test_the_renamed_q_k_v_helpers_still_answer_with_a_warning():
+    import hf_minigpt.convert
+    import hf_minigpt.export
+    from hf_minigpt.conversion_minigpt import join_fused
+
+    state_dict = {f"h.0.attn.{name}.weight": torch.full((2, 2), float(i)) for i, name in enumerate("qkv")}
+    state_dict = {name.replace(".q.", ".q_proj.").replace(".k.", ".k_proj.").replace(".v.", ".v_proj."): tensor
+                  for name, tensor in state_dict.items()}
+    for module in (hf_minigpt.export, hf_minigpt.convert):
+        with pytest.warns(FutureWarning, match="is hf_minigpt.conversion_minigpt.join_fused"):
+            fused = module.fused_qkv(state_dict)
+        expected = join_fused(state_dict, conv1d=False)["h.0.attn.c_attn.weight"]
+        assert torch.equal(fused["h.0.attn.c_attn.weight"], expected)
+        with pytest.warns(FutureWarning, match="split_fused"):
+            assert module.split_qkv(fused).keys() == state_dict.keys()

@@ -74,7 +74,6 @@ def test_causal_lm_loss_is_next_token_cross_entropy(model):
 @pytest.mark.parametrize("auto_class, model_class, output_name", AUTO_HEADS)
 def test_save_and_load_through_auto_class(tmp_path, auto_class, model_class, output_name):
     torch.manual_seed(0)
-    torch.manual_seed(0)  # the new head's weights
     model = model_class(tiny_config(num_labels=3)).eval()
     model.save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), type(model.config))

@@ -146,7 +146,7 @@ def test_bad_data_is_refused_before_training(tmp_path, tiny_checkpoint, name, co
 
 
 def test_a_mistyped_model_folder_is_named_at_once(tmp_path, capsys, monkeypatch):
-    """A path is not a hub id: the hub is not asked (its retries took a minute)."""
+    """A path is not a hub id: the hub is not asked (it may retry for a minute)."""
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "model_info", lambda *args, **kwargs: pytest.fail("the hub was asked"))

@@ -28,7 +28,6 @@ from .runner import QUICK_SHAPES, SHAPES, Bench, keep_capped_kernels_apart
 from .serving import serve_table
 from .training import memory_child, memory_table, train_table
 
-
 TABLES = ("train", "memory", "end_to_end", "deploy", "generate", "serve", "data_scale")
 DEFAULT_TABLES = ("train", "memory", "deploy", "generate", "serve")
 MEASURE = {"train": train_table, "memory": memory_table, "end_to_end": end_to_end_table, "deploy": deploy_table,

@@ -5,7 +5,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 from .runner import Bench, run_measured
 
 

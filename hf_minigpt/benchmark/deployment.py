@@ -6,13 +6,13 @@ from itertools import islice
 from pathlib import Path
 
 import torch
-from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
 from transformers import PreTrainedTokenizerFast
 
+from ..cpu_kernels import CPU, use_cpu_kernels
 from ..export.gguf import write_gguf
 from ..export.onnx import greedy_decode, write_onnx
-from ..cpu_kernels import CPU, use_cpu_kernels
 from ..quantize import Int8Linear, cpu_compile_config, quantize_int8
 from .runner import Bench, best_seconds, build, config_for, installed, interleaved, timer_of
 

@@ -12,7 +12,6 @@ from ..folders import RunFolder
 from .runner import MODELS, Bench, config_for, ratio, run_measured
 from .training import device_peak_flops, training_flops_per_token
 
-
 END_TO_END_STEPS = 20
 
 

@@ -23,7 +23,6 @@ from ..cpu_kernels import use_cpu_kernels
 from ..folders import write_json
 from .reference import NanoGPT
 
-
 SHAPES = {  # name -> (n_layer, n_head, n_embd, vocab, batch on CPU, batch on GPU, seq len on CPU, on GPU)
     "small": (4, 4, 256, 50304, 8, 8, 256, 256),
     "gpt2-124M": (12, 12, 768, 50257, 2, 16, 256, 1024),

@@ -20,7 +20,6 @@ from ..export import convert
 from ..quantize import quantize_int8
 from .runner import Bench, build, config_for, interleaved_runs
 
-
 SERVING = ("engine", "tokens/s", "p50 latency s", "p99 latency s")
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..folders import atomic_file
 from ..conversion_minigpt import join_fused
+from ..folders import atomic_file
 from ..modeling_minigpt import MiniGPTForCausalLM
 from .registry import register
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 
 from ..configuration_minigpt import MiniGPTConfig
-from ..modeling_minigpt import MiniGPTForCausalLM
 from ..conversion_minigpt import GPT2_ONLY_TENSORS, split_fused
+from ..modeling_minigpt import MiniGPTForCausalLM
 from .checkpoints import UNREADABLE, CheckpointError, load_into, write_converted
 from .registry import register
 

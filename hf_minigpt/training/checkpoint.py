@@ -14,13 +14,13 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.checkpointing import load_accelerator_state, save_accelerator_state
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.fsdp import FSDPModule
 
 from ..folders import RunFolder, atomic_folder
 from .processes import sharded

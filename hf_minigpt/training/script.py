@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..cli import quiet_loading
+from ..hub import PushRefused
 from .checkpoint import list_checkpoints
 from .data import DataError
 from .loop import DivergedError, RunComplete, Stopped
@@ -42,7 +43,7 @@ def run_script(prog: str, parse, train, argv=None) -> None:
         if created and accelerator.is_main_process:  # a refused run leaves nothing behind
             shutil.rmtree(settings.run.output_dir, ignore_errors=True)
         outcome = f"{prog}: error: {error}"
-    except DivergedError as error:
+    except (DivergedError, PushRefused) as error:
         outcome = f"{prog}: {error}"
     except RunComplete as complete:
         print(f"{prog}: {complete}")
@@ -79,7 +80,7 @@ def keep_large_blocks_out_of_the_heap(threshold: int = 8 << 20) -> None:
     """glibc's malloc raises its mmap threshold to the largest block freed (up to 32 MB), after which blocks of that
     size come from its heap. A long evaluation, allocating and freeing (rows, vocab) loss buffers of that size, can
     fragment the heap until the process holds gigabytes. A fixed threshold gives blocks above it their own mapping,
-    returned to the system when freed. (The measurements are in the commit that added this.)"""
+    returned to the system when freed."""
     libc = ctypes.util.find_library("c")
     if sys.platform.startswith("linux") and libc:
         mallopt = getattr(ctypes.CDLL(libc), "mallopt", None)  # glibc's; musl has none

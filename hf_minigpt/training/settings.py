@@ -183,8 +183,7 @@ def parse(settings_class, prog: str, description: str, argv=None, defaults: dict
 # transformers Trainer's names for settings these scripts name otherwise, as users type them.
 TRAINER_NAMES = {"save_steps": "checkpointing_steps", "save_strategy": "checkpointing_steps",
                  "max_steps": "max_train_steps", "warmup_steps": "num_warmup_steps", "bf16": "mixed_precision bf16",
-                 "fp16": "mixed_precision fp16", "eval_strategy": "eval_steps", "logging_dir": "report_to",
-                 "lr_scheduler": "lr_scheduler_type"}
+                 "fp16": "mixed_precision fp16", "eval_strategy": "eval_steps", "lr_scheduler": "lr_scheduler_type"}
 
 
 def unknown_arguments(parser: argparse.ArgumentParser, unknown: list[str]) -> str:

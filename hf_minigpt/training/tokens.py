@@ -72,7 +72,8 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> torch.Tensor:
     a loss per token into bits per byte, which compares models whatever their tokenizers. A byte-level BPE token is
     one character per byte; other tokenizers' are measured by decoding them alone."""
     lengths = torch.zeros(vocab_size, dtype=torch.long)
-    byte_level = type(tokenizer.backend_tokenizer.decoder).__name__ == "ByteLevel"
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # (a slow tokenizer has none)
+    byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
     special = set(tokenizer.all_special_ids)
     for token_id in range(min(len(tokenizer), vocab_size)):
         if token_id not in special:
