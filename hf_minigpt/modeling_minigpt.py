@@ -32,6 +32,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .checks_minigpt import check_shapes, check_values
 from .compat_minigpt import CACHE_FIELD, accepts_past_key_values, slice_logits_to_keep
 from .configuration_minigpt import MiniGPTConfig
 from .conversion_minigpt import GPT2_ONLY_TENSORS, conversions_registered
@@ -236,9 +237,9 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         # Without position ids, new tokens follow the cached ones. (With them, as in generate() and continuous
         # batching, whose paged cache has no single length, the cache is not asked.)
         past_length = cache.get_seq_length() if cache is not None and position_ids is None else 0
-        self._check_shapes(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
-        if cache is None and not torch.compiler.is_compiling():
-            self.check_values(input_ids, position_ids)
+        check_shapes(self.config, input_ids, inputs_embeds, attention_mask, position_ids, past_length)
+        if cache is None and not torch.compiler.is_compiling():  # (checks_minigpt.py: what is checked where)
+            check_values(self.config, input_ids, position_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
@@ -260,46 +261,6 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         hidden_states = self.ln_f(hidden_states)
 
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache if use_cache else None})
-
-    def _check_shapes(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
-        """Turn the mistakes users make into messages, instead of an error deep inside torch: shapes, on every call."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if inputs_embeds is not None and (inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.n_embd):
-            raise ValueError(f"`inputs_embeds` must have shape (batch, seq_len, {self.config.n_embd}), "
-                             f"got {tuple(inputs_embeds.shape)}.")
-        if input_ids is not None and input_ids.ndim != 2:
-            raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-        batch_size, seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if batch_size == 0 or seq_len == 0:
-            raise ValueError(f"The input holds no tokens (batch {batch_size}, sequence length {seq_len}): pass at "
-                             "least one token per sequence.")
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:  # (not a prepared BlockMask)
-            if attention_mask.shape[0] != batch_size or attention_mask.shape[1] < past_length + seq_len:
-                raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)}, but the batch holds "
-                                 f"{batch_size} sequences of {past_length + seq_len} tokens (cached + new): expected "
-                                 f"({batch_size}, {past_length + seq_len}).")
-        if past_length + seq_len > self.config.n_positions and position_ids is None:
-            raise ValueError(f"Sequence length {past_length + seq_len} (cached {past_length} + new {seq_len}) "
-                             f"exceeds n_positions={self.config.n_positions}, the longest sequence this model has "
-                             "positions for.")
-
-    def check_values(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor | None = None):
-        """Token ids and positions in range. Reading values costs a host sync on a GPU, so this runs where the ids
-        come from the user: a forward pass without a cache (outside torch.compile, where it would break the graph),
-        and once per generate() call, on the prompt, before any step, compiled or not."""
-        if outside(input_ids, self.config.vocab_size):
-            raise ValueError(f"Token ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
-                             f"[{input_ids.min().item()}, {input_ids.max().item()}]. Does the tokenizer match the "
-                             "model?")
-        if outside(position_ids, self.config.n_positions):
-            raise ValueError(f"`position_ids` must lie in [0, {self.config.n_positions}), got values in "
-                             f"[{position_ids.min().item()}, {position_ids.max().item()}].")
-
-
-def outside(indices: torch.Tensor | None, size: int) -> bool:
-    """Whether any index would fall outside an embedding table of `size` rows."""
-    return indices is not None and indices.numel() > 0 and not (indices.min() >= 0 and indices.max() < size)
 
 
 class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
@@ -370,7 +331,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def _prepare_model_inputs(self, *args, **kwargs):
         inputs, input_name, model_kwargs = super()._prepare_model_inputs(*args, **kwargs)
         if input_name == "input_ids":
-            self.transformer.check_values(inputs)
+            check_values(self.config, inputs)  # the prompt, once per call
         return inputs, input_name, model_kwargs
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):

@@ -47,7 +47,7 @@ def test_training_script_pushes_and_the_model_loads_from_the_hub_as_remote_code(
     expected = {"model.safetensors", "config.json", "modeling_minigpt.py", "configuration_minigpt.py",
                 "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md", "loss.png",
                 "all_results.json"}
-    expected |= {f"{module}_minigpt.py" for module in ("compat", "conversion", "loss")}  # what the model imports
+    expected |= {f"{module}_minigpt.py" for module in ("compat", "conversion", "loss", "checks")}  # (model imports)
     assert expected <= files.keys() and not any(name.startswith("step_") for name in files)
     # The weights went through Git LFS, as the Hub takes them; the small files inside the commit.
     assert {path for path in hub.lfs_paths if path.startswith("user/from-training/")} == {

@@ -12,7 +12,8 @@ import torch
 
 PACKAGE = Path(__file__).parents[1] / "hf_minigpt"
 # The files `save_pretrained` copies beside the weights: the model and the sibling modules it imports.
-MODEL_FILES = {f"hf_minigpt.{name}_minigpt" for name in ("configuration", "modeling", "compat", "conversion", "loss")}
+MODEL_FILES = {f"hf_minigpt.{name}_minigpt"
+               for name in ("configuration", "modeling", "compat", "conversion", "loss", "checks")}
 # Lowest first. A module belongs to the first layer one of whose names is its name or a package above it.
 LAYERS = [
     ("model", {"hf_minigpt", *MODEL_FILES}),
