@@ -21,10 +21,10 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from . import MiniGPTConfig, MiniGPTForSequenceClassification
-from .folders import RunFolder, atomic_file, model_source_problem, save_model_folder
+from .folders import RunFolder, atomic_file, model_source_problem
 from .hub import push_after_training
 from .tasks import METRICS, SingleLabel, Task
-from .training.checkpoint import gathered_model, load_whole_weights
+from .training.checkpoint import load_whole_weights, save_trained_model
 from .training.data import DataError, check_columns, hold_out, load_files, row_location, train_loader
 from .training.loop import TrainingRun
 from .training.report import evaluated_on, file_names, optimization_rows, pyplot, write_model_card
@@ -228,9 +228,7 @@ def train(settings: FinetuneSettings, accelerator) -> dict:
         if best is None or (metrics[metric] > best[metric] if METRICS[metric] else metrics[metric] < best[metric]):
             extra["best"] = {**metrics, "epoch": epoch}
             extra["epochs_without_improvement"] = 0
-            model, state_dict = gathered_model(run.model, accelerator)
-            save_model_folder(best_folder, model, tokenizer, state_dict=state_dict, accelerator=accelerator,
-                              existing="replace")
+            save_trained_model(best_folder, run.model, tokenizer, accelerator, existing="replace")
         else:
             extra["epochs_without_improvement"] += 1
         patience = classification.early_stopping_patience

@@ -275,7 +275,7 @@ def validation_metrics(model, loader, accelerator, token_bytes: torch.Tensor) ->
     model.eval()
     sums = []  # per batch: nats and targets over every token, nats and bytes over the text's tokens
     for batch in loader:
-        lengths = token_bytes.to(batch["input_ids"].device)[batch["input_ids"]]
+        lengths = token_bytes[batch["input_ids"]]
         text_labels = batch["input_ids"].masked_fill(lengths == 0, IGNORE_INDEX)
         targets, text_targets = lengths[:, 1:].numel(), (lengths[:, 1:] > 0).sum()
         with torch.no_grad():
@@ -329,7 +329,7 @@ def train(settings: PretrainSettings, accelerator) -> dict:
         f"{accelerator.num_processes} process(es)."
     )
 
-    token_bytes = token_byte_lengths(tokenizer, model.config.vocab_size)
+    token_bytes = token_byte_lengths(tokenizer, model.config.vocab_size).to(accelerator.device)
 
     def evaluate(write) -> None:
         metrics = validation_metrics(run.model, run.eval_loader, accelerator, token_bytes)

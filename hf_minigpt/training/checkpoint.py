@@ -22,16 +22,24 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 
-from ..folders import RunFolder, atomic_folder
+from ..folders import RunFolder, atomic_folder, save_model_folder
 from .processes import sharded
 
 STATE_FILE = RunFolder.CHECKPOINT_STATE
 WEIGHTS_AND_OPTIMIZER = "model_and_optimizer"  # torch.distributed.checkpoint's folder in a checkpoint
 
 
+def save_trained_model(destination, model, tokenizer, accelerator, existing: str) -> None:
+    """`folders.save_model_folder` for a model that DDP, torch.compile or FSDP2 may wrap: its full weights, gathered
+    (every process must call this), saved by the model's own class."""
+    model, state_dict = gathered_model(model, accelerator)
+    save_model_folder(destination, model, tokenizer, state_dict=state_dict, accelerator=accelerator,
+                      existing=existing)
+
+
 def gathered_model(model, accelerator):
-    """What `folders.save_model_folder` writes for a model that DDP, torch.compile or FSDP2 may wrap: the model as
-    its own class and its full weights, gathered (every process must call this; the weights are the main process's).
+    """The model as its own class and its full weights, gathered (every process must call this; the weights are the
+    main process's).
 
     FSDP2 makes a sharded `MiniGPTForCausalLM` an `FSDPMiniGPTForCausalLM`, which `save_pretrained` would write into
     the config's `auto_map`, copying torch's source instead of the model's: an empty shell of the model's class (on

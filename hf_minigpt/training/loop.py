@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
-from ..folders import RunFolder, save_model_folder, write_json
-from .checkpoint import Layout, Prepared, TrainingState, gathered_model, load_checkpoint, save_checkpoint
+from ..folders import RunFolder, write_json
+from .checkpoint import Layout, Prepared, TrainingState, load_checkpoint, save_checkpoint, save_trained_model
 from .data import DataError
 from .report import Log, plot_losses
 from .settings import OptimizationSettings, RunSettings
@@ -335,9 +335,7 @@ class TrainingRun:
         """The trained model and tokenizer into --output_dir, with `results` (all_results.json) and the loss curve;
         every process takes part."""
         folder = RunFolder(self.run_settings.output_dir)
-        model, state_dict = gathered_model(self.model, self.accelerator)
-        save_model_folder(folder.path, model, self.tokenizer, state_dict=state_dict, accelerator=self.accelerator,
-                          existing="merge")
+        save_trained_model(folder.path, self.model, self.tokenizer, self.accelerator, existing="merge")
         if self.accelerator.is_main_process:
             write_json(folder.results, results)
             plot_losses(self.log_file.entries(), folder.loss_curve)
