@@ -3,6 +3,7 @@
     minigpt-generate runs/lang --prompt "Python" --greedy
     minigpt-generate runs/lang --prompt "Python" --int8 --compile      # the fast CPU decode
     minigpt-generate runs/lang --int8 --perplexity held_out.txt        # what int8 costs in perplexity
+    minigpt-generate runs/chat --chat                                  # a conversation; Ctrl-D ends it
 
 fp32 decoding takes the products this CPU runs faster, where a rule names it (hf_minigpt.cpu_kernels; same tokens);
 --plain_kernels keeps nn.Linear's.
@@ -58,6 +59,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="a static KV cache and a compiled decode step")
     parser.add_argument("--plain_kernels", action="store_true",
                         help="nn.Linear's products even where hf_minigpt.cpu_kernels has faster ones for this CPU")
+    parser.add_argument("--chat", action="store_true", help="a conversation in turns, read from standard input a "
+                        "line a turn until its end (Ctrl-D), through the tokenizer's chat template (docs/chat.md)")
     parser.add_argument("--perplexity", metavar="FILE", help="instead of generating: the perplexity on this text "
                         "file, before and after --int8")
     args = parser.parse_args(argv)
@@ -88,18 +91,47 @@ def main(argv=None) -> None:
         quantize_int8(model)
     elif not args.plain_kernels:
         use_cpu_kernels(model)
-    prompt = torch.tensor([start_of_text(tokenizer, args.prompt)])
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
     options = {"do_sample": False} if args.greedy else sampling
     if args.compile:
         options.update(cache_implementation="static", compile_config=cpu_compile_config())
     torch.manual_seed(args.seed)
-    try:
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
-                             pad_token_id=tokenizer.eos_token_id, **options)
-    except ValueError as error:  # e.g. more tokens than the model has positions
-        parser.exit(2, f"minigpt-generate: error: {error}\n")
-    print(tokenizer.decode(out[0], skip_special_tokens=True))
+
+    def continuation(prompt: list[int]) -> list[int]:
+        prompt = torch.tensor([prompt])
+        try:
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.eos_token_id, **options)
+        except ValueError as error:  # e.g. more tokens than the model has positions
+            parser.exit(2, f"minigpt-generate: error: {error}\n")
+        return out[0, prompt.shape[1]:].tolist()
+
+    if args.chat:
+        if tokenizer.chat_template is None:
+            parser.exit(2, f"minigpt-generate: error: {args.model}'s tokenizer has no chat template: add one with "
+                        "hf_minigpt.chat.chat_ready (docs/chat.md)\n")
+        return chat(tokenizer, continuation, room=model.config.n_positions - args.max_new_tokens)
+    prompt = start_of_text(tokenizer, args.prompt)
+    print(tokenizer.decode(prompt + continuation(prompt), skip_special_tokens=True))
+
+
+def chat(tokenizer, continuation, room: int) -> None:
+    """Turns from standard input, a line each, answered in order until its end. The conversation so far is the
+    prompt; its oldest turns are left out where it would leave the reply less than --max_new_tokens positions."""
+    messages = []
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        while len(prompt) > room and len(messages) > 1:
+            messages = messages[2:]
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        reply = tokenizer.decode(continuation(prompt), skip_special_tokens=True)
+        print(reply, flush=True)
+        messages.append({"role": "assistant", "content": reply})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ COMMANDS = {
     "minigpt-convert": "hf_minigpt.convert_cli",
     "minigpt-push": "hf_minigpt.hub",
     "minigpt-bench": "hf_minigpt.benchmark",
+    "minigpt-eval": "hf_minigpt.eval_cli",
 }
 HELP = Path(__file__).with_name("help")
 HELP_COLUMNS = 100
@@ -69,3 +70,4 @@ generate = functools.partial(run, "minigpt-generate")
 convert = functools.partial(run, "minigpt-convert")
 push = functools.partial(run, "minigpt-push")
 bench = functools.partial(run, "minigpt-bench")
+evaluate = functools.partial(run, "minigpt-eval")

@@ -1,12 +1,15 @@
 """Running the scripts in processes of their own: each launch in a process group that is ended when it finishes, on
 a time-out or a failure, and checked to have left nothing behind. A hang is a failure, never a wait."""
 
+import contextlib
 import os
 import random
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -81,3 +84,33 @@ def free_port() -> int:
                 continue
             return port
     raise AssertionError("no free port outside the ephemeral range")
+
+
+@contextlib.contextmanager
+def serving(command, env: dict, log: Path, ready_within: float):
+    """A server started by `command(port)` on a free port of 127.0.0.1, in a process group of its own; yields its
+    base URL once its /health answers 200, and ends the whole group however the block ends."""
+    port = free_port()
+    process = start(command(port), env, log=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + ready_within
+        while True:
+            assert process.poll() is None, Path(log).read_text()[-4000:]
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert time.time() < deadline, f"no answer on /health within {ready_within} s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        end(process)
+
+
+def transformers_serve(folder, log: Path):
+    """`transformers serve` (the OpenAI-compatible server of `transformers[serving]`) on `folder`, as `serving`."""
+    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--host", "127.0.0.1",
+               "--device", "cpu"]
+    return serving(lambda port: [*command, "--port", str(port)], {**os.environ, "OMP_NUM_THREADS": "1"}, log,
+                   ready_within=120)

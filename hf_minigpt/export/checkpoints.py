@@ -16,7 +16,7 @@ from ..folders import CONFIG, atomic_folder
 UNREADABLE = (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, OSError)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "added_tokens.json", "encoder.json", "vocab.bpe",
+    "added_tokens.json", "encoder.json", "vocab.bpe", "chat_template.jinja", "chat_template.json",
 )
 
 

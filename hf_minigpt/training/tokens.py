@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..chat import chat_ready
 from ..folders import atomic_file
 from .data import DataError, expand, pieces
 
@@ -38,7 +39,8 @@ class ShardError(ValueError):
 
 def train_tokenizer(texts, vocab_size: int, eos: str) -> PreTrainedTokenizerFast:
     """A byte-level BPE like GPT-2's, trained on the "text" of `texts` (`pieces` of the documents): every byte is in
-    the alphabet, so any text encodes."""
+    the alphabet, so any text encodes. It carries a chat template and a pad token (hf_minigpt.chat), ready for
+    instruction tuning."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -49,7 +51,7 @@ def train_tokenizer(texts, vocab_size: int, eos: str) -> PreTrainedTokenizerFast
     batches = ([text for text in batch["text"] if text] for batch in texts.iter(batch_size=64))
     backend.train_from_iterator(batches, trainer, length=len(texts))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=eos, eos_token=eos, unk_token=eos)
-    return starting_documents(tokenizer)
+    return chat_ready(starting_documents(tokenizer))
 
 
 def starting_documents(tokenizer):

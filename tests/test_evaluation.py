@@ -1,0 +1,176 @@
+"""Evaluation with lm-evaluation-harness: a tiny MiniGPT that memorized 20 made-up facts, and its GPT-2 export, scored
+on local task files of lm-eval's three request kinds (multiple choice, rolling loglikelihood, generation), through
+`minigpt-eval`, through plain `lm_eval --model hf` with remote code, and in-process at batch sizes 1 and 8."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import datasets
+import pytest
+import torch
+
+from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from hf_minigpt.export import convert
+from hf_minigpt.training.tokens import train_tokenizer
+
+lm_eval = pytest.importorskip("lm_eval", reason="the eval extra: pip install -e '.[eval]'")
+
+NAMES = "Anna Boris Chen Dara Emil Fatima Gus Hana Ivan Jade Kofi Lena Milo Nia Omar Pia Quinn Rosa Sami Tara".split()
+CITIES = "Paris Oslo Lima Cairo Tokyo Quito Rome Delhi Accra Perth Hanoi Sofia Dakar Bern Kyiv Riga Seoul Tunis Baku " \
+         "Doha".split()
+FACTS = [f"{name} lives in {city}." for name, city in zip(NAMES, CITIES)]
+TASKS = ["facts_choice", "facts_bits_per_byte", "facts_generation"]
+COMMAND_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The memorizing model (300 full-batch steps, about a second on 2 cores) with the tokenizer `minigpt-pretrain`
+    trains, saved as a MiniGPT folder and exported to GPT-2."""
+    root = tmp_path_factory.mktemp("evaluation")
+    tokenizer = train_tokenizer(datasets.Dataset.from_dict({"text": FACTS}), vocab_size=300, eos="<|endoftext|>")
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(MiniGPTConfig(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    batch = tokenizer(FACTS, padding=True, return_tensors="pt")  # each fact after the start token, as trained texts
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(root / "minigpt")
+    tokenizer.save_pretrained(root / "minigpt")
+    convert(root / "minigpt", root / "gpt2", to="gpt2")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """lm-eval task files over a local JSON-lines file, one of each request kind, as docs/evaluation.md writes them."""
+    folder = tmp_path_factory.mktemp("tasks")
+    with open(folder / "facts.jsonl", "w") as rows:
+        for index, (name, fact) in enumerate(zip(NAMES, FACTS)):
+            row = {"context": f"{name} lives in", "choices": CITIES, "gold": index, "text": fact}
+            rows.write(json.dumps(row) + "\n")
+    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'facts.jsonl'}\n"
+              "test_split: test\n")
+    (folder / "choice.yaml").write_text(
+        f"task: facts_choice\n{source}output_type: multiple_choice\ndoc_to_text: '{{{{context}}}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+    (folder / "bits_per_byte.yaml").write_text(
+        f"task: facts_bits_per_byte\n{source}output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: bits_per_byte\n  - metric: byte_perplexity\n")
+    (folder / "generation.yaml").write_text(
+        f"task: facts_generation\n{source}output_type: generate_until\ndoc_to_text: '{{{{context}}}}'\n"
+        "doc_to_target: \"{{' ' + choices[gold]}}\"\ngeneration_kwargs:\n  until: ['.']\n  do_sample: false\n"
+        "  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n")
+    return folder
+
+
+def scores(results: dict) -> dict:
+    return {task: {metric: value for metric, value in values.items() if metric.endswith(",none")}
+            for task, values in results["results"].items()}
+
+
+def command(name: str, arguments: list[str], output) -> dict:
+    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), name), *arguments, "--device", "cpu",
+                          "--output_path", str(output)], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-4000:]
+    [written] = output.rglob("results_*.json")
+    return scores(json.loads(written.read_text()))
+
+
+def test_minigpt_eval_scores_the_memorized_facts_at_one(folders, tasks, tmp_path):
+    """The documented route: the folder's own tokenizer, its start token included."""
+    got = command("minigpt-eval", ["--model_args", f"pretrained={folders / 'minigpt'}", "--tasks", ",".join(TASKS),
+                                   "--include_path", str(tasks)], tmp_path)
+    assert got["facts_choice"]["acc,none"] == 1.0
+    assert got["facts_generation"]["exact_match,none"] == 1.0
+    assert got["facts_bits_per_byte"]["bits_per_byte,none"] < 0.5  # most of it is the names, which nothing predicts
+
+
+def test_plain_lm_eval_with_remote_code_gives_the_same_choices(folders, tasks, tmp_path):
+    """lm-eval without hf_minigpt: the folder's saved model code (trust_remote_code)."""
+    got = command("lm_eval", ["--model", "hf", "--model_args",
+                              f"pretrained={folders / 'minigpt'},trust_remote_code=True", "--tasks", "facts_choice",
+                              "--include_path", str(tasks)], tmp_path)
+    assert got["facts_choice"]["acc,none"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def evaluate(tasks):
+    """lm-eval in this process: (folder, batch size, lm-eval model) -> its results, each evaluated once. lm-eval's
+    task index is built once too (it reads every task file lm-eval ships: seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    from hf_minigpt import evaluation  # noqa: F401  (registers the model `minigpt`)
+
+    task_manager, done = TaskManager(include_path=str(tasks)), {}
+
+    def evaluated(folder, batch_size: int, model: str = "minigpt") -> dict:
+        if (folder, batch_size, model) not in done:
+            done[folder, batch_size, model] = lm_eval.simple_evaluate(
+                model=model, model_args=f"pretrained={folder}", tasks=TASKS, batch_size=batch_size, device="cpu",
+                task_manager=task_manager, log_samples=True)
+        return done[folder, batch_size, model]
+
+    return evaluated
+
+
+def per_document(results: dict) -> dict:
+    """Each document's raw answers: loglikelihoods of each choice and of each text, and generated texts."""
+    return {task: [sample["resps"] for sample in sorted(samples, key=lambda sample: sample["doc_id"])]
+            for task, samples in results["samples"].items()}
+
+
+def assert_same_answers(one: dict, other: dict) -> None:
+    for task in TASKS:
+        for answers, others in zip(one[task], other[task], strict=True):
+            flat, other_flat = [sum(map(list, answers), [])], [sum(map(list, others), [])]
+            for value, other_value in zip(flat[0], other_flat[0], strict=True):
+                if isinstance(value, str):
+                    assert value == other_value, task
+                else:
+                    assert value == pytest.approx(other_value, abs=1e-4), task
+
+
+@pytest.mark.parametrize("kind", ["minigpt", "gpt2"])
+def test_batch_sizes_one_and_eight_give_the_same_scores(folders, evaluate, kind):
+    """Batches of 8 pad the shorter requests (left for generation, right for loglikelihoods): the masks keep them
+    apart. Every document's loglikelihoods to 1e-4, the generated texts exactly."""
+    one, eight = evaluate(folders / kind, 1), evaluate(folders / kind, 8)
+    assert_same_answers(per_document(one), per_document(eight))
+    for task, values in scores(one).items():
+        assert scores(eight)[task] == pytest.approx(values, abs=1e-4)
+    assert scores(one)["facts_choice"]["acc,none"] == 1.0
+
+
+def test_the_gpt2_export_scores_as_the_minigpt_folder(folders, evaluate):
+    assert_same_answers(per_document(evaluate(folders / "minigpt", 8)), per_document(evaluate(folders / "gpt2", 8)))
+
+
+def test_bits_per_byte_is_the_texts_loss_in_bits_over_its_bytes(folders, evaluate):
+    """By hand: each fact as the tokenizer starts it (after the end-of-text token), its tokens' loss in nats summed
+    over the facts, over their UTF-8 bytes, in bits."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folders / "minigpt")
+    model = MiniGPTForCausalLM.from_pretrained(folders / "minigpt").eval()
+    nats = 0.0
+    for fact in FACTS:
+        ids = torch.tensor([tokenizer(fact).input_ids])
+        assert ids[0, 0] == tokenizer.eos_token_id
+        with torch.no_grad():
+            nats += model(ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+    by_hand = nats / (math.log(2) * sum(len(fact.encode()) for fact in FACTS))
+    got = scores(evaluate(folders / "minigpt", 8))["facts_bits_per_byte"]["bits_per_byte,none"]
+    assert got == pytest.approx(by_hand, rel=1e-4)
+    # lm-eval's own `hf` model puts its start token before the tokenizer's: a second end-of-text token to predict,
+    # and the text a position late. The day lm-eval stops doing so, this fails, and the `minigpt` model can go.
+    upstream = scores(evaluate(folders / "minigpt", 8, model="hf"))["facts_bits_per_byte"]["bits_per_byte,none"]
+    assert upstream > by_hand + 0.5
