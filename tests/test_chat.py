@@ -19,12 +19,10 @@ from hf_minigpt.chat import CHAT_TEMPLATE, chat_ready
 from hf_minigpt.export import convert
 from hf_minigpt.export.gpt2 import gpt2_tokenizer
 from hf_minigpt.training.tokens import train_tokenizer
+from lm_eval_tasks import CITIES, NAMES
 
 trl = pytest.importorskip("trl", reason="the chat extra: pip install -e '.[chat]'")
 
-NAMES = "Anna Boris Chen Dara Emil Fatima Gus Hana Ivan Jade Kofi Lena Milo Nia Omar Pia Quinn Rosa Sami Tara".split()
-CITIES = "Paris Oslo Lima Cairo Tokyo Quito Rome Delhi Accra Perth Hanoi Sofia Dakar Bern Kyiv Riga Seoul Tunis Baku " \
-         "Doha".split()
 FACTS = [(f"Where does {name} live?", f"{name} lives in {city}.") for name, city in zip(NAMES, CITIES)]
 # The CPU settings: TRL's configs default to bf16, which stops on a CPU ("doesn't support bf16/gpu").
 ON_CPU = dict(use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=0, disable_tqdm=True)

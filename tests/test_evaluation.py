@@ -2,7 +2,6 @@
 on local task files of lm-eval's three request kinds (multiple choice, rolling loglikelihood, generation), through
 `minigpt-eval`, through plain `lm_eval --model hf` with remote code, and in-process at batch sizes 1 and 8."""
 
-import json
 import math
 import os
 import subprocess
@@ -15,14 +14,10 @@ import torch
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from hf_minigpt.export import convert
 from hf_minigpt.training.tokens import train_tokenizer
+from lm_eval_tasks import FACTS, TASKS, assert_same_answers, per_document, scores, write_tasks, written
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra: pip install -e '.[eval]'")
 
-NAMES = "Anna Boris Chen Dara Emil Fatima Gus Hana Ivan Jade Kofi Lena Milo Nia Omar Pia Quinn Rosa Sami Tara".split()
-CITIES = "Paris Oslo Lima Cairo Tokyo Quito Rome Delhi Accra Perth Hanoi Sofia Dakar Bern Kyiv Riga Seoul Tunis Baku " \
-         "Doha".split()
-FACTS = [f"{name} lives in {city}." for name, city in zip(NAMES, CITIES)]
-TASKS = ["facts_choice", "facts_bits_per_byte", "facts_generation"]
 COMMAND_TIMEOUT = 300
 
 
@@ -51,38 +46,14 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    """lm-eval task files over a local JSON-lines file, one of each request kind, as docs/evaluation.md writes them."""
-    folder = tmp_path_factory.mktemp("tasks")
-    with open(folder / "facts.jsonl", "w") as rows:
-        for index, (name, fact) in enumerate(zip(NAMES, FACTS)):
-            row = {"context": f"{name} lives in", "choices": CITIES, "gold": index, "text": fact}
-            rows.write(json.dumps(row) + "\n")
-    source = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'facts.jsonl'}\n"
-              "test_split: test\n")
-    (folder / "choice.yaml").write_text(
-        f"task: facts_choice\n{source}output_type: multiple_choice\ndoc_to_text: '{{{{context}}}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: gold\nmetric_list:\n  - metric: acc\n")
-    (folder / "bits_per_byte.yaml").write_text(
-        f"task: facts_bits_per_byte\n{source}output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
-        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: bits_per_byte\n  - metric: byte_perplexity\n")
-    (folder / "generation.yaml").write_text(
-        f"task: facts_generation\n{source}output_type: generate_until\ndoc_to_text: '{{{{context}}}}'\n"
-        "doc_to_target: \"{{' ' + choices[gold]}}\"\ngeneration_kwargs:\n  until: ['.']\n  do_sample: false\n"
-        "  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\n")
-    return folder
-
-
-def scores(results: dict) -> dict:
-    return {task: {metric: value for metric, value in values.items() if metric.endswith(",none")}
-            for task, values in results["results"].items()}
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
 def command(name: str, arguments: list[str], output) -> dict:
     run = subprocess.run([os.path.join(os.path.dirname(sys.executable), name), *arguments, "--device", "cpu",
                           "--output_path", str(output)], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
     assert run.returncode == 0, run.stderr[-4000:]
-    [written] = output.rglob("results_*.json")
-    return scores(json.loads(written.read_text()))
+    return scores(written(output))
 
 
 def test_minigpt_eval_scores_the_memorized_facts_at_one(folders, tasks, tmp_path):
@@ -122,36 +93,20 @@ def evaluate(tasks):
     return evaluated
 
 
-def per_document(results: dict) -> dict:
-    """Each document's raw answers: loglikelihoods of each choice and of each text, and generated texts."""
-    return {task: [sample["resps"] for sample in sorted(samples, key=lambda sample: sample["doc_id"])]
-            for task, samples in results["samples"].items()}
-
-
-def assert_same_answers(one: dict, other: dict) -> None:
-    for task in TASKS:
-        for answers, others in zip(one[task], other[task], strict=True):
-            flat, other_flat = [sum(map(list, answers), [])], [sum(map(list, others), [])]
-            for value, other_value in zip(flat[0], other_flat[0], strict=True):
-                if isinstance(value, str):
-                    assert value == other_value, task
-                else:
-                    assert value == pytest.approx(other_value, abs=1e-4), task
-
-
 @pytest.mark.parametrize("kind", ["minigpt", "gpt2"])
 def test_batch_sizes_one_and_eight_give_the_same_scores(folders, evaluate, kind):
     """Batches of 8 pad the shorter requests (left for generation, right for loglikelihoods): the masks keep them
     apart. Every document's loglikelihoods to 1e-4, the generated texts exactly."""
     one, eight = evaluate(folders / kind, 1), evaluate(folders / kind, 8)
-    assert_same_answers(per_document(one), per_document(eight))
+    assert_same_answers(per_document(one["samples"]), per_document(eight["samples"]), tolerance=1e-4)
     for task, values in scores(one).items():
         assert scores(eight)[task] == pytest.approx(values, abs=1e-4)
     assert scores(one)["facts_choice"]["acc,none"] == 1.0
 
 
 def test_the_gpt2_export_scores_as_the_minigpt_folder(folders, evaluate):
-    assert_same_answers(per_document(evaluate(folders / "minigpt", 8)), per_document(evaluate(folders / "gpt2", 8)))
+    assert_same_answers(per_document(evaluate(folders / "minigpt", 8)["samples"]),
+                        per_document(evaluate(folders / "gpt2", 8)["samples"]), tolerance=1e-4)
 
 
 def test_bits_per_byte_is_the_texts_loss_in_bits_over_its_bytes(folders, evaluate):

