@@ -216,14 +216,21 @@ def test_a_chat_prompt_is_the_conversation_so_far_less_the_oldest_turns_that_lea
 
 
 @pytest.mark.slow
-def test_openai_chat_route_of_transformers_serve_answers_with_the_folders_template(chat_folder, tmp_path):
+def test_transformers_serve_of_the_gpt2_export_answers_chats_and_completions_through_openai(chat_folder, tmp_path):
+    """`transformers serve` (it loads built-in classes only: the GPT-2 export) asked through the `openai` client: the
+    chat route with the folder's template, and the completions route with MiniGPT's own greedy continuation."""
     from openai import OpenAI
 
-    export = convert(chat_folder, tmp_path / "gpt2", to="gpt2")  # `transformers serve` loads built-in classes only
+    export = convert(chat_folder, tmp_path / "gpt2", to="gpt2")
     assert AutoTokenizer.from_pretrained(export).chat_template == CHAT_TEMPLATE
     with launches.transformers_serve(export, tmp_path / "server.log") as url:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         replies = [client.chat.completions.create(model=str(export), messages=asked(question), max_tokens=24,
                                                   temperature=0).choices[0].message.content
                    for question, _ in FACTS[:4]]
+        completion = client.completions.create(model=str(export), prompt="Where does", max_tokens=6, temperature=0)
     assert replies == [expected for _, expected in FACTS[:4]]
+    tokenizer, model = AutoTokenizer.from_pretrained(chat_folder), MiniGPTForCausalLM.from_pretrained(chat_folder)
+    prompt = tokenizer("Where does", return_tensors="pt").input_ids
+    expected = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, prompt.shape[1]:]
+    assert completion.choices[0].text == tokenizer.decode(expected) and completion.choices[0].text.strip()

@@ -32,8 +32,7 @@ def test_generate_samples_by_default_and_a_seed_repeats_the_text(folder):
     sample = ["--prompt", "the cat", "--max_new_tokens", "12"]
     first, again = (command("minigpt-generate", folder, *sample, "--seed", "3").stdout for _ in range(2))
     assert first == again and first.startswith("the cat")
-    others = {command("minigpt-generate", folder, *sample, "--seed", str(seed)).stdout for seed in (4, 5)}
-    assert others != {first}  # sampling, not the argmax
+    assert command("minigpt-generate", folder, *sample, "--seed", "4").stdout != first  # sampling, not the argmax
     # --temperature and --top_k reach the sampler: top_k 1 is greedy, whatever the seed.
     greedy = command("minigpt-generate", folder, *sample, "--greedy").stdout
     assert command("minigpt-generate", folder, *sample, "--top_k", "1", "--temperature", "0.5",

@@ -1,6 +1,6 @@
 """What serving engines rely on: a tensor-parallel plan that shards over processes, keyword arguments that reach
-every attention call (vLLM's and SGLang's Transformers backend), continuous batching, and an OpenAI-compatible
-endpoint checked with the real `openai` client."""
+every attention call (vLLM's and SGLang's Transformers backend) and continuous batching. (The OpenAI-compatible
+endpoints are in test_chat.py, `transformers serve`, and test_vllm.py.)"""
 
 import json
 import os
@@ -14,7 +14,6 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_minigpt import MiniGPTForCausalLM
-from hf_minigpt.export import convert
 from hf_minigpt.quantize import quantize_int8
 
 import launches
@@ -113,18 +112,3 @@ def test_continuous_batching_gives_the_greedy_tokens_of_each_prompt(lively_model
     outputs = lively_model.generate_batch(inputs=PROMPTS, generation_config=config)
     by_prompt = {tuple(output.prompt_ids): output.generated_tokens for output in outputs.values()}
     assert by_prompt == {tuple(prompt): greedy(lively_model, prompt, 6) for prompt in PROMPTS}
-
-
-@pytest.mark.slow
-def test_openai_client_against_transformers_serve_of_the_gpt2_export(lively_model, tokenizer, tmp_path):
-    from openai import OpenAI
-
-    lively_model.save_pretrained(tmp_path / "minigpt")
-    tokenizer.save_pretrained(tmp_path / "minigpt")
-    export = convert(tmp_path / "minigpt", tmp_path / "gpt2", to="gpt2")  # `transformers serve` loads built-ins only
-    with launches.transformers_serve(export, tmp_path / "server.log") as url:
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
-        completion = client.completions.create(model=str(export), prompt="the cat sat", max_tokens=6, temperature=0)
-    prompt = tokenizer("the cat sat").input_ids
-    expected = tokenizer.decode(greedy(lively_model, prompt, 6), skip_special_tokens=True)
-    assert completion.choices[0].text.strip() == expected.strip() and expected.strip()

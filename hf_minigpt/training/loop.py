@@ -275,6 +275,8 @@ class TrainingRun:
                     state.completed_steps += 1
                     self.steps_this_run += 1
                     self.seconds = time.perf_counter() - started
+                    if self.steps_this_run == 1:
+                        first_step_seconds = self.seconds
                     if not math.isfinite(loss):
                         where = f"the last good checkpoint is {self.last_checkpoint}"
                         if self.last_checkpoint is None:
@@ -292,8 +294,12 @@ class TrainingRun:
                                f"{self.unit}_s": f"{self.throughput():.0f}"}
                     progress.set_postfix(**figures)
                     if not to_terminal and (self.step % line_every == 0 or self.step == plan.max_steps):
-                        # (a terminal gets tqdm's bar, which shows the time left itself)
-                        left = (plan.max_steps - self.step) * self.seconds / self.steps_this_run
+                        # (a terminal gets tqdm's bar, which shows the time left itself). The first step pays for
+                        # the start (allocations, the loader's workers, lazy inits): the steps after it set the pace.
+                        pace = self.seconds
+                        if self.steps_this_run > 1:
+                            pace = (self.seconds - first_step_seconds) / (self.steps_this_run - 1)
+                        left = (plan.max_steps - self.step) * pace
                         accelerator.print(f"step {self.step}/{plan.max_steps}: "
                                           + ", ".join(f"{key} {value}" for key, value in figures.items())
                                           + f", {duration(left)} left")
