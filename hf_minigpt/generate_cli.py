@@ -67,6 +67,8 @@ def main(argv=None) -> None:
     quiet_loading()
     if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 1:
         parser.error("--max_new_tokens and --top_k must be at least 1, --temperature above 0")
+    if args.chat and (args.prompt or args.perplexity):
+        parser.error("--chat reads its turns from standard input: leave out --prompt and --perplexity")
     if problem := model_source_problem(args.model, "MODEL"):  # a mistyped folder: said at once, not after retries
         parser.exit(2, f"minigpt-generate: error: {problem}\n")
     try:
@@ -110,28 +112,37 @@ def main(argv=None) -> None:
         if tokenizer.chat_template is None:
             parser.exit(2, f"minigpt-generate: error: {args.model}'s tokenizer has no chat template: add one with "
                         "hf_minigpt.chat.chat_ready (docs/chat.md)\n")
-        return chat(tokenizer, continuation, room=model.config.n_positions - args.max_new_tokens)
+        room = model.config.n_positions - args.max_new_tokens
+        if room < 1:
+            parser.error(f"--max_new_tokens {args.max_new_tokens} leaves no room for a turn in the model's "
+                         f"{model.config.n_positions} positions")
+        return chat(tokenizer, continuation, room)
     prompt = start_of_text(tokenizer, args.prompt)
     print(tokenizer.decode(prompt + continuation(prompt), skip_special_tokens=True))
 
 
 def chat(tokenizer, continuation, room: int) -> None:
-    """Turns from standard input, a line each, answered in order until its end. The conversation so far is the
-    prompt; its oldest turns are left out where it would leave the reply less than --max_new_tokens positions."""
+    """Turns from standard input, a line each, answered in order until its end (or Ctrl-C). The conversation so far
+    is the prompt, within `room` tokens: its oldest turns are left out first, and a turn that does not fit alone is
+    refused in a line on stderr, the conversation kept."""
     messages = []
     while True:
         try:
             line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             return
-        messages.append({"role": "user", "content": line})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
-        while len(prompt) > room and len(messages) > 1:
-            messages = messages[2:]
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+        turns = [*messages, {"role": "user", "content": line}]
+        prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True)["input_ids"]
+        while len(prompt) > room and len(turns) > 1:
+            turns = turns[2:]
+            prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True)["input_ids"]
+        if len(prompt) > room:
+            print(f"minigpt-generate: that turn is {len(prompt)} tokens, and the reply leaves {room}: say it shorter",
+                  file=sys.stderr, flush=True)
+            continue
         reply = tokenizer.decode(continuation(prompt), skip_special_tokens=True)
         print(reply, flush=True)
-        messages.append({"role": "assistant", "content": reply})
+        messages = [*turns, {"role": "assistant", "content": reply}]
 
 
 if __name__ == "__main__":

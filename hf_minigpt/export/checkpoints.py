@@ -92,6 +92,8 @@ def copy_tokenizer_files(source, destination):
     for name in TOKENIZER_FILES:
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, Path(destination) / name)
+    if (Path(source) / "additional_chat_templates").is_dir():  # named templates, beside the default one
+        shutil.copytree(Path(source) / "additional_chat_templates", Path(destination) / "additional_chat_templates")
 
 
 def write_converted(model, destination, tokenizer_source) -> Path:

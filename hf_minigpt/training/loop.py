@@ -244,7 +244,7 @@ class TrainingRun:
         progress = tqdm(total=plan.max_steps, initial=self.step, desc=self.name,
                         disable=not (accelerator.is_local_main_process and to_terminal))
         line_every = max(1, plan.max_steps // 20)
-        started = time.perf_counter()
+        started, first_step_seconds = time.perf_counter(), 0.0
         with StopRequest() as stop:
             for epoch in range(state.epoch, plan.epochs):
                 if self.step >= plan.max_steps:
