@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_minigpt import MiniGPTConfig, MiniGPTForCausalLM
+from hf_minigpt.convert_cli import main as convert_cli_main
 from hf_minigpt.export import convert, gpt2_tokenizer
 
 TEXT = "Hello world, this is MiniGPT in llama.cpp's format."
@@ -71,16 +72,20 @@ def test_llama_cpp_runs_the_gguf_export(folder, tmp_path, dtype, tolerance):
     torch.testing.assert_close(torch.from_numpy(llama.scores[: len(input_ids)]), expected, atol=tolerance, rtol=0)
 
 
-def test_bad_gguf_exports_are_refused_in_one_line(folder, tmp_path):
+def test_bad_gguf_exports_are_refused_in_one_line(folder, tmp_path, capsys):
+    def refused(*argv) -> str:
+        with pytest.raises(SystemExit) as stop:
+            convert_cli_main(list(map(str, argv)))
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and "Traceback" not in error
+        return error
+
     (tmp_path / "taken.gguf").write_text("mine")
-    result = convert_cli(folder, tmp_path / "taken.gguf", "--to", "gguf")
-    assert result.returncode == 2 and "taken.gguf exists" in result.stderr and "Traceback" not in result.stderr
+    assert "taken.gguf exists" in refused(folder, tmp_path / "taken.gguf", "--to", "gguf")
     assert (tmp_path / "taken.gguf").read_text() == "mine"
     (tmp_path / "empty").mkdir()
-    result = convert_cli(tmp_path / "empty", tmp_path / "out.gguf", "--to", "gguf")
-    assert result.returncode == 2 and "holds no config.json" in result.stderr and "Traceback" not in result.stderr
-    result = convert_cli(folder, tmp_path / "out.onnx", "--to", "tflite")
-    assert result.returncode == 2 and "invalid choice: 'tflite'" in result.stderr
+    assert "holds no config.json" in refused(tmp_path / "empty", tmp_path / "out.gguf", "--to", "gguf")
+    assert "invalid choice: 'tflite'" in refused(folder, tmp_path / "out.onnx", "--to", "tflite")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "taken.gguf"]  # nothing left behind
 
 
