@@ -132,10 +132,11 @@ def chat(tokenizer, continuation, room: int) -> None:
         except (EOFError, KeyboardInterrupt):
             return
         turns = [*messages, {"role": "user", "content": line}]
-        prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True)["input_ids"]
-        while len(prompt) > room and len(turns) > 1:
-            turns = turns[2:]
+        while True:
             prompt = tokenizer.apply_chat_template(turns, add_generation_prompt=True)["input_ids"]
+            if len(prompt) <= room or len(turns) == 1:
+                break
+            turns = turns[2:]  # the oldest exchange
         if len(prompt) > room:
             print(f"minigpt-generate: that turn is {len(prompt)} tokens, and the reply leaves {room}: say it shorter",
                   file=sys.stderr, flush=True)
