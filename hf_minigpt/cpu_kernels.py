@@ -1,16 +1,22 @@
-"""A faster fp32 product for decoding on the CPUs where it is faster, switched on explicitly:
+"""Faster fp32 products for decoding on the CPUs where they are faster, switched on explicitly:
 
     model = use_cpu_kernels(MiniGPTForCausalLM.from_pretrained(folder))   # in place; inference on the CPU
 
-Decoding multiplies one row per sequence by every weight. On some CPUs the BLAS's `x @ W^T` (nn.Linear's layout) is
-slow for so few rows, and one batched product over views of W, a block of output features each, is faster: same
-weights, same layout, results equal to a rounding. Which CPUs is a rule read from the machine (`CPU`): the BLAS, the
-CPU's vendor (MKL picks other kernels on AMD CPUs) and the vector instructions PyTorch uses. Nothing is timed. A rule
-can be forced by passing a `CPU`; docs/deployment.md gives the measurements behind each rule.
+Decoding multiplies one row per sequence by every weight, so its speed is how fast the weights are read. On some CPUs
+the BLAS's `x @ W^T` (nn.Linear's layout) reads them slowly for so few rows. Two products read the same weights in the
+same layout faster there:
+- streamed (one row): a multiply-and-sum that torch.compile turns into one loop over the weight's rows, read once at
+  memory speed; compiled on first use (seconds, then cached on disk), results equal to nn.Linear's to a rounding;
+- blocks (a few rows): one batched product over views of W, a block of output features each; results equal.
+Which product, for how many rows, is a rule read from the machine (`CPU`): the BLAS, the CPU's vendor (MKL picks
+other kernels on AMD CPUs), the vector instructions PyTorch uses, and for streaming a C++ compiler for torch.compile.
+Nothing is timed. A rule can be forced by passing a `CPU`; docs/deployment.md gives the measurements behind each.
 """
 
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -18,11 +24,20 @@ from torch import nn
 
 BLOCK = 128  # output features per block
 
-# (BLAS, vendor, PyTorch's vector instructions) -> the fewest and the most rows a product takes in blocks. CPUs not
-# listed keep the plain product: each rule comes from a CPU of that kind measured (docs/deployment.md).
-BLOCKED_ROWS = {
-    ("mkl", "GenuineIntel", "AVX512"): (4, 12),
-    ("mkl", "AuthenticAMD", "AVX512"): (1, 16),
+
+@dataclass(frozen=True)
+class Products:
+    """The rows that take each product on a CPU; other row counts take nn.Linear's."""
+    streamed: int  # products of at most this many rows are streamed (0: none)
+    blocked: tuple[int, int]  # the fewest and the most rows a product takes in blocks
+
+
+# (BLAS, vendor, PyTorch's vector instructions) -> its products. CPUs not listed keep the plain product: each rule comes
+# from a CPU of that kind measured (docs/deployment.md); the AMD AVX2 one from an AMD AVX-512 CPU held to AVX2.
+RULES = {
+    ("mkl", "GenuineIntel", "AVX512"): Products(streamed=0, blocked=(4, 12)),
+    ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, blocked=(2, 16)),
+    ("mkl", "AuthenticAMD", "AVX2"): Products(streamed=1, blocked=(2, 16)),
 }
 
 
@@ -31,6 +46,7 @@ class CPU:
     blas: str  # "mkl" where PyTorch multiplies through MKL
     vendor: str  # Linux's /proc/cpuinfo vendor_id: GenuineIntel, AuthenticAMD, ...
     vector: str  # torch.backends.cpu.get_cpu_capability(): AVX512, AVX2, DEFAULT, ...
+    compiler: bool = True  # torch.compile finds the C++ compiler it builds CPU kernels with
 
     @classmethod
     def this_machine(cls) -> "CPU":
@@ -38,11 +54,16 @@ class CPU:
         held = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
         if held and not held.startswith("AVX512"):
             vector = held.split("_E")[0]  # MKL held to fewer instructions (AVX2, AVX2_E1, AVX, SSE4_2)
-        return cls("mkl" if torch.backends.mkl.is_available() else "other", cpu_vendor(), vector)
+        compiler = shutil.which(os.environ.get("CXX", "g++")) is not None  # what inductor runs on Linux
+        return cls("mkl" if torch.backends.mkl.is_available() else "other", cpu_vendor(), vector, compiler)
 
     @property
-    def blocked_rows(self) -> tuple[int, int] | None:
-        return BLOCKED_ROWS.get((self.blas, self.vendor, self.vector))
+    def products(self) -> Products | None:
+        rule = RULES.get((self.blas, self.vendor, self.vector))
+        if rule and rule.streamed and not self.compiler:
+            # The rows it would stream take blocks: on these CPUs, the next fastest product for one row.
+            return Products(streamed=0, blocked=(1, rule.blocked[1]))
+        return rule
 
 
 def cpu_vendor() -> str:
@@ -51,6 +72,19 @@ def cpu_vendor() -> str:
             return next(line for line in lines if line.startswith("vendor_id")).split(":", 1)[1].strip()
     except (OSError, StopIteration):
         return "unknown"
+
+
+def multiply_and_sum(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not torch.compiler.is_compiling():  # torch.compile gave up (too many weight shapes in one process)
+        return rows @ weight.T
+    return (rows.unsqueeze(-2) * weight).sum(-1)
+
+
+@cache
+def compiled_streamed_product():
+    """`rows @ weight.T` for a few rows, compiled for each weight shape: inductor fuses the multiply into the sum, so
+    no product of a row and the weight is ever stored, and each weight row is read once."""
+    return torch.compile(multiply_and_sum, dynamic=False)
 
 
 def linear_in_blocks(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -72,37 +106,48 @@ def linear_in_blocks(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return output.view(*input.shape[:-1], out_features)
 
 
-class BlockedLinear(nn.Linear):
-    """An `nn.Linear` (its own weight and bias, shared) whose fp32 products of `rows` rows on the CPU run in blocks."""
+class CPULinear(nn.Linear):
+    """An `nn.Linear` (its own weight and bias, shared) whose fp32 products on the CPU take the product `products`
+    names for their number of rows (streamed ones outside autograd only)."""
 
-    def __init__(self, linear: nn.Linear, rows: tuple[int, int]):
+    def __init__(self, linear: nn.Linear, products: Products):
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same parameters: ties and optimizers still hold
-        self.rows = rows
+        self.products = products
+        self.streamed_product = compiled_streamed_product() if products.streamed else None  # compiles at first call
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        fewest, most = self.rows
-        if fewest <= input.numel() // input.shape[-1] <= most and input.is_cpu and input.dtype == torch.float32:
-            return linear_in_blocks(input, self.weight, self.bias)
+        if input.is_cpu and input.dtype == torch.float32:
+            rows = input.numel() // input.shape[-1]
+            if rows <= self.products.streamed and not torch.is_grad_enabled():
+                # Two dimensions: one compiled product a weight shape, whatever the input's.
+                output = self.streamed_product(input.reshape(rows, self.in_features), self.weight)
+                output = output.view(*input.shape[:-1], self.out_features)
+                return output if self.bias is None else output + self.bias
+            fewest, most = self.products.blocked
+            if fewest <= rows <= most and self.out_features >= 2 * BLOCK:
+                return linear_in_blocks(input, self.weight, self.bias)
         return super().forward(input)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, blocked_rows={self.rows}"
+        return f"{super().extra_repr()}, {self.products}"
 
 
-def use_cpu_kernels(model: nn.Module, cpu: CPU | None = None) -> nn.Module:
+def use_cpu_kernels(model: nn.Module, cpu: CPU | None = None, compile: bool = True) -> nn.Module:
     """Gives the transformer blocks' projections and the LM head the products that are faster on `cpu` (by default
-    this machine's), in place, and returns the model. On CPUs without a rule, and for a model off the CPU or not in
-    fp32, it changes nothing. The weights and what the model saves stay as they were."""
-    rows = (cpu or CPU.this_machine()).blocked_rows
-    if rows is None:
+    this machine's), in place, and returns the model. `compile=False` leaves out the products torch.compile builds
+    (streaming, whose first use compiles for seconds), as a machine without a compiler does. On CPUs without a rule,
+    and for a model off the CPU or not in fp32, it changes nothing. The weights and what the model saves stay as
+    they were."""
+    cpu = cpu or CPU.this_machine()
+    products = (cpu if compile else replace(cpu, compiler=False)).products
+    if products is None:
         return model
     for name, module in list(model.named_modules()):
         is_projection = ".h." in f".{name}." or name.rpartition(".")[2] == "lm_head"
-        if (type(module) is nn.Linear and is_projection and module.out_features >= 2 * BLOCK
-                and type(module.weight) is nn.Parameter and module.weight.is_cpu
-                and module.weight.dtype == torch.float32):
+        if (type(module) is nn.Linear and is_projection and type(module.weight) is nn.Parameter
+                and module.weight.is_cpu and module.weight.dtype == torch.float32):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, BlockedLinear(module, rows))
+            setattr(model.get_submodule(parent), child, CPULinear(module, products))
     return model

@@ -5,8 +5,8 @@
     minigpt-generate runs/lang --int8 --perplexity held_out.txt        # what int8 costs in perplexity
     minigpt-generate runs/chat --chat                                  # a conversation; Ctrl-D ends it
 
-fp32 decoding takes the products this CPU runs faster, where a rule names it (hf_minigpt.cpu_kernels; same tokens);
---plain_kernels keeps nn.Linear's.
+fp32 decoding takes the products this CPU runs faster, where a rule names it (hf_minigpt.cpu_kernels; with --compile
+also the streamed one-row products; same tokens); --plain_kernels keeps nn.Linear's.
 """
 
 import argparse
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     if args.int8:
         quantize_int8(model)
     elif not args.plain_kernels:
-        use_cpu_kernels(model)
+        use_cpu_kernels(model, compile=args.compile)  # a one-off run does not wait for a compile it did not ask for
     sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k}
     options = {"do_sample": False} if args.greedy else sampling
     if args.compile:

@@ -1,5 +1,5 @@
-"""`use_cpu_kernels`: products in blocks on the CPUs a rule names, the same numbers as nn.Linear's. Every rule is
-forced here, whatever CPU runs the tests."""
+"""`use_cpu_kernels`: streamed and blocked products on the CPUs a rule names, nn.Linear's numbers (blocks exactly,
+streaming to a rounding). Every rule is forced here, whatever CPU runs the tests."""
 
 import pytest
 import torch
@@ -7,13 +7,15 @@ from torch import nn
 
 import hf_minigpt.cpu_kernels as cpu_kernels
 from hf_minigpt import MiniGPTForCausalLM
-from hf_minigpt.cpu_kernels import BLOCK, CPU, BlockedLinear, linear_in_blocks, use_cpu_kernels
+from hf_minigpt.cpu_kernels import BLOCK, CPU, CPULinear, Products, linear_in_blocks, use_cpu_kernels
 
 from conftest import tiny_config
 
 INTEL_AVX512 = CPU("mkl", "GenuineIntel", "AVX512")
 AMD_AVX512 = CPU("mkl", "AuthenticAMD", "AVX512")
 AMD_AVX2 = CPU("mkl", "AuthenticAMD", "AVX2")
+AMD_AVX2_WITHOUT_COMPILER = CPU("mkl", "AuthenticAMD", "AVX2", compiler=False)
+INTEL_AVX2 = CPU("mkl", "GenuineIntel", "AVX2")
 WITHOUT_MKL = CPU("other", "GenuineIntel", "AVX512")
 
 
@@ -32,42 +34,96 @@ def test_a_product_in_blocks_equals_the_plain_one_with_gradients(rows, bias):
         torch.testing.assert_close(blocked, plain)
 
 
-@pytest.mark.parametrize("cpu, rows", [(INTEL_AVX512, (4, 12)), (AMD_AVX512, (1, 16)), (AMD_AVX2, None),
-                                       (WITHOUT_MKL, None)])
-def test_the_rule_names_the_cpus_that_take_blocks(cpu, rows):
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 200), (1, 200), (2, 1, 200)])
+@torch.no_grad()
+def test_a_streamed_product_equals_the_plain_one(shape, bias):
     torch.manual_seed(0)
-    model = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300))  # c_fc 256 features, lm_head 300
+    linear = nn.Linear(200, 300, bias=bias)
+    streamed = CPULinear(linear, Products(streamed=2, blocked=(3, 3)))
+    x = torch.randn(shape)
+    torch.testing.assert_close(streamed(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_past_the_shapes_torch_compile_keeps_a_streamed_product_is_nn_linears():
+    torch._dynamo.reset()
+    x = torch.randn(1, 200)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for out_features in (300, 301):  # a compiled product for the first shape; the second is one past the limit
+            linear = nn.Linear(200, out_features)
+            output = CPULinear(linear, Products(streamed=1, blocked=(2, 2)))(x)
+    torch._dynamo.reset()
+    assert torch.equal(output, linear(x))
+
+
+@pytest.mark.parametrize("cpu, products", [
+    (INTEL_AVX512, Products(streamed=0, blocked=(4, 12))),
+    (AMD_AVX512, Products(streamed=1, blocked=(2, 16))),
+    (AMD_AVX2, Products(streamed=1, blocked=(2, 16))),
+    (AMD_AVX2_WITHOUT_COMPILER, Products(streamed=0, blocked=(1, 16))),
+    (INTEL_AVX2, None),
+    (WITHOUT_MKL, None),
+])
+def test_the_rule_names_the_products_of_each_cpu(cpu, products):
+    assert cpu.products == products
+    torch.manual_seed(0)
+    model = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300))
     use_cpu_kernels(model, cpu)
-    blocked = {name for name, module in model.named_modules() if isinstance(module, BlockedLinear)}
-    if rows is None:
-        assert not blocked
-        return
-    # Projections of at least two blocks' features: each block's c_fc (256) and the LM head (300).
-    assert blocked == {f"transformer.h.{i}.mlp.c_fc" for i in range(2)} | {"lm_head"}
-    assert {model.get_submodule(name).rows for name in blocked} == {rows}
+    replaced = {name: module.products for name, module in model.named_modules() if isinstance(module, CPULinear)}
+    projections = {f"transformer.h.{i}.{name}" for i in range(2)
+                   for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert replaced == ({name: products for name in projections | {"lm_head"}} if products else {})
 
 
-def test_mkl_held_to_avx2_reads_as_avx2(monkeypatch):
-    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
-    assert CPU.this_machine().vector == "AVX2"
+def test_this_machine_reads_mkl_held_to_avx2_and_a_missing_compiler(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_vendor", lambda: "AuthenticAMD")
-    assert CPU.this_machine().blocked_rows is None
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: True)
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert CPU.this_machine() == AMD_AVX2
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    assert CPU.this_machine() == AMD_AVX2_WITHOUT_COMPILER
 
 
-def test_greedy_decoding_of_a_batch_in_blocks_gives_the_same_tokens(monkeypatch):
+def counted(monkeypatch, model, product):
+    """Calls of the CPU's `product` ("streamed" or "in blocks") in `model`'s projections, counted."""
+    calls = []
+    if product == "streamed":
+        for module in model.modules():
+            if isinstance(module, CPULinear):
+                streamed = module.streamed_product
+                module.streamed_product = lambda *args, streamed=streamed: calls.append(1) or streamed(*args)
+    else:
+        monkeypatch.setattr(cpu_kernels, "linear_in_blocks", lambda *args: calls.append(1) or linear_in_blocks(*args))
+    return calls
+
+
+def greedy_with_margins(model, prompt, steps):
+    """Greedy tokens, after checking that every step's best logit leads the next by more than rounding could move."""
+    out = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=1,
+                         output_logits=True, return_dict_in_generate=True)
+    top2 = torch.stack(out.logits).topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
+    return out.sequences
+
+
+@pytest.mark.parametrize("batch, cpu, product, calls_a_step", [
+    (4, INTEL_AVX512, "in blocks", 2 + 1),  # products of 256 features or more in blocks: each c_fc, the head
+    (1, AMD_AVX512, "streamed", 2 * 6 + 1),  # one row: every projection and the head
+])
+def test_greedy_decoding_takes_the_rules_product_and_gives_the_same_tokens(monkeypatch, batch, cpu, product,
+                                                                           calls_a_step):
     torch.manual_seed(0)
-    plain = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300)).eval()
-    prompt = torch.randint(2, 300, (4, 5), generator=torch.Generator().manual_seed(0))
-    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=1)
-    expected = plain.generate(prompt, **options)
-    blocked_calls = []
-    monkeypatch.setattr(cpu_kernels, "linear_in_blocks",
-                        lambda *args: blocked_calls.append(1) or linear_in_blocks(*args))
-    fast = use_cpu_kernels(plain, INTEL_AVX512)
-    assert torch.equal(fast.generate(prompt, **options), expected)
-    # Each of the 5 one-token steps at 4 rows: every c_fc (256 features) and the head (300); the prompt's forward:
-    # the head, which scores the last position only.
-    assert len(blocked_calls) == 5 * (fast.config.n_layer + 1) + 1
+    plain = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300, initializer_range=0.2)).eval()
+    prompt = torch.randint(2, 300, (batch, 5), generator=torch.Generator().manual_seed(0))
+    expected = greedy_with_margins(plain, prompt, 6)
+    fast = use_cpu_kernels(plain, cpu)
+    calls = counted(monkeypatch, fast, product)
+    assert torch.equal(greedy_with_margins(fast, prompt, 6), expected)
+    # The 5 one-token steps; the prompt's forward (5 rows a sequence) takes the head's product if it scores 1 row.
+    assert len(calls) == 5 * calls_a_step + (batch <= 4)
 
 
 def test_the_weights_stay_tied_and_save_as_before(tmp_path):
@@ -78,5 +134,5 @@ def test_the_weights_stay_tied_and_save_as_before(tmp_path):
     assert model.lm_head.weight is model.transformer.wte.weight
     model.save_pretrained(tmp_path)
     loaded = MiniGPTForCausalLM.from_pretrained(tmp_path)
-    assert not any(isinstance(module, BlockedLinear) for module in loaded.modules())
+    assert not any(isinstance(module, CPULinear) for module in loaded.modules())
     assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in before.items())

@@ -59,7 +59,7 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
         "MiniGPT int8 static+compile": (quantize_int8(build("minigpt", config, cpu)), compiled),
         "GPT2LMHeadModel": (build("gpt2", config, cpu).eval(), options),
     }
-    if cpu_kernels and CPU.this_machine().blocked_rows:
+    if cpu_kernels and CPU.this_machine().products:
         engines["MiniGPT eager, cpu_kernels"] = (use_cpu_kernels(build("minigpt", config, cpu).eval()), options)
     timers = {}
     for name, (model, kwargs) in engines.items():
