@@ -3,11 +3,12 @@
     model = use_cpu_kernels(MiniGPTForCausalLM.from_pretrained(folder))   # in place; inference on the CPU
 
 Decoding multiplies one row per sequence by every weight, so its speed is how fast the weights are read. On some CPUs
-the BLAS's `x @ W^T` (nn.Linear's layout) reads them slowly for so few rows. Two products read the same weights in the
-same layout faster there:
+the BLAS's `x @ W^T` (nn.Linear's layout) reads them slowly for so few rows. Three products read the same weights, in
+the same layout, faster there:
 - streamed (one row): a multiply-and-sum that torch.compile turns into one loop over the weight's rows, read once at
-  memory speed; compiled on first use (seconds, then cached on disk), results equal to nn.Linear's to a rounding;
-- blocks (a few rows): one batched product over views of W, a block of output features each; results equal.
+  memory speed; compiled on first use (seconds, then cached on disk); nn.Linear's results to a rounding;
+- oneDNN's linear, which inductor calls for frozen fp32 weights; nn.Linear's results to a rounding;
+- blocks: one batched product over views of W, a block of output features each; nn.Linear's results exactly.
 Which product, for how many rows, is a rule read from the machine (`CPU`): the BLAS, the CPU's vendor (MKL picks
 other kernels on AMD CPUs), the vector instructions PyTorch uses, and for streaming a C++ compiler for torch.compile.
 Nothing is timed. A rule can be forced by passing a `CPU`; docs/deployment.md gives the measurements behind each.
@@ -27,17 +28,18 @@ BLOCK = 128  # output features per block
 
 @dataclass(frozen=True)
 class Products:
-    """The rows that take each product on a CPU; other row counts take nn.Linear's."""
-    streamed: int  # products of at most this many rows are streamed (0: none)
-    blocked: tuple[int, int]  # the fewest and the most rows a product takes in blocks
+    """The rows that take each product on a CPU: the first product that applies, in this order, else nn.Linear's."""
+    streamed: int = 0  # products of at most this many rows are streamed (outside autograd)
+    onednn: tuple[int, int] | None = None  # the fewest and the most rows through oneDNN (outside autograd)
+    blocked: tuple[int, int] | None = None  # the fewest and the most rows in blocks
 
 
 # (BLAS, vendor, PyTorch's vector instructions) -> its products. CPUs not listed keep the plain product: each rule comes
 # from a CPU of that kind measured (docs/deployment.md); the AMD AVX2 one from an AMD AVX-512 CPU held to AVX2.
 RULES = {
-    ("mkl", "GenuineIntel", "AVX512"): Products(streamed=0, blocked=(4, 12)),
-    ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, blocked=(2, 16)),
-    ("mkl", "AuthenticAMD", "AVX2"): Products(streamed=1, blocked=(2, 16)),
+    ("mkl", "GenuineIntel", "AVX512"): Products(blocked=(4, 12)),
+    ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, onednn=(1, 512)),
+    ("mkl", "AuthenticAMD", "AVX2"): Products(streamed=1, blocked=(1, 16)),
 }
 
 
@@ -60,10 +62,7 @@ class CPU:
     @property
     def products(self) -> Products | None:
         rule = RULES.get((self.blas, self.vendor, self.vector))
-        if rule and rule.streamed and not self.compiler:
-            # The rows it would stream take blocks: on these CPUs, the next fastest product for one row.
-            return Products(streamed=0, blocked=(1, rule.blocked[1]))
-        return rule
+        return replace(rule, streamed=0) if rule and not self.compiler else rule  # the next product takes those rows
 
 
 def cpu_vendor() -> str:
@@ -106,6 +105,16 @@ def linear_in_blocks(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return output.view(*input.shape[:-1], out_features)
 
 
+def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's fp32 linear, the one inductor calls where it freezes weights; here with the weight in nn.Linear's
+    layout, not packed (a packed copy would double the memory)."""
+    return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
+
+
+def within(rows: int, span: tuple[int, int] | None) -> bool:
+    return span is not None and span[0] <= rows <= span[1]
+
+
 class CPULinear(nn.Linear):
     """An `nn.Linear` (its own weight and bias, shared) whose fp32 products on the CPU take the product `products`
     names for their number of rows (streamed ones outside autograd only)."""
@@ -119,14 +128,16 @@ class CPULinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.is_cpu and input.dtype == torch.float32:
-            rows = input.numel() // input.shape[-1]
-            if rows <= self.products.streamed and not torch.is_grad_enabled():
+            rows, inference = input.numel() // input.shape[-1], not torch.is_grad_enabled()
+            if inference and rows <= self.products.streamed:
                 # Two dimensions: one compiled product a weight shape, whatever the input's.
                 output = self.streamed_product(input.reshape(rows, self.in_features), self.weight)
                 output = output.view(*input.shape[:-1], self.out_features)
                 return output if self.bias is None else output + self.bias
-            fewest, most = self.products.blocked
-            if fewest <= rows <= most and self.out_features >= 2 * BLOCK:
+            # Inductor lowers oneDNN's linear only with weights it packed itself: compiled, it takes the product.
+            if inference and within(rows, self.products.onednn) and not torch.compiler.is_compiling():
+                return onednn_linear(input, self.weight, self.bias)
+            if within(rows, self.products.blocked) and self.out_features >= 2 * BLOCK:
                 return linear_in_blocks(input, self.weight, self.bias)
         return super().forward(input)
 

@@ -1,5 +1,5 @@
-"""`use_cpu_kernels`: streamed and blocked products on the CPUs a rule names, nn.Linear's numbers (blocks exactly,
-streaming to a rounding). Every rule is forced here, whatever CPU runs the tests."""
+"""`use_cpu_kernels`: streamed, oneDNN and blocked products on the CPUs a rule names, nn.Linear's numbers (blocks
+exactly, the others to a rounding). Every rule is forced here, whatever CPU runs the tests."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from torch import nn
 import hf_minigpt.cpu_kernels as cpu_kernels
 from hf_minigpt import MiniGPTForCausalLM
 from hf_minigpt.cpu_kernels import BLOCK, CPU, CPULinear, Products, linear_in_blocks, use_cpu_kernels
+from hf_minigpt.quantize import cpu_compile_config
 
 from conftest import tiny_config
 
@@ -35,14 +36,14 @@ def test_a_product_in_blocks_equals_the_plain_one_with_gradients(rows, bias):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1, 200), (1, 200), (2, 1, 200)])
+@pytest.mark.parametrize("shape", [(1, 1, 200), (1, 200), (2, 1, 200), (3, 5, 200)])
+@pytest.mark.parametrize("products", [Products(streamed=15), Products(onednn=(1, 15))])
 @torch.no_grad()
-def test_a_streamed_product_equals_the_plain_one(shape, bias):
+def test_streamed_and_onednn_products_equal_the_plain_one(products, shape, bias):
     torch.manual_seed(0)
     linear = nn.Linear(200, 300, bias=bias)
-    streamed = CPULinear(linear, Products(streamed=2, blocked=(3, 3)))
     x = torch.randn(shape)
-    torch.testing.assert_close(streamed(x), linear(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(CPULinear(linear, products)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -52,16 +53,16 @@ def test_past_the_shapes_torch_compile_keeps_a_streamed_product_is_nn_linears():
     with torch._dynamo.config.patch(recompile_limit=1):
         for out_features in (300, 301):  # a compiled product for the first shape; the second is one past the limit
             linear = nn.Linear(200, out_features)
-            output = CPULinear(linear, Products(streamed=1, blocked=(2, 2)))(x)
+            output = CPULinear(linear, Products(streamed=1))(x)
     torch._dynamo.reset()
     assert torch.equal(output, linear(x))
 
 
 @pytest.mark.parametrize("cpu, products", [
-    (INTEL_AVX512, Products(streamed=0, blocked=(4, 12))),
-    (AMD_AVX512, Products(streamed=1, blocked=(2, 16))),
-    (AMD_AVX2, Products(streamed=1, blocked=(2, 16))),
-    (AMD_AVX2_WITHOUT_COMPILER, Products(streamed=0, blocked=(1, 16))),
+    (INTEL_AVX512, Products(blocked=(4, 12))),
+    (AMD_AVX512, Products(streamed=1, onednn=(1, 512))),
+    (AMD_AVX2, Products(streamed=1, blocked=(1, 16))),
+    (AMD_AVX2_WITHOUT_COMPILER, Products(blocked=(1, 16))),
     (INTEL_AVX2, None),
     (WITHOUT_MKL, None),
 ])
@@ -88,7 +89,7 @@ def test_this_machine_reads_mkl_held_to_avx2_and_a_missing_compiler(monkeypatch)
 
 
 def counted(monkeypatch, model, product):
-    """Calls of the CPU's `product` ("streamed" or "in blocks") in `model`'s projections, counted."""
+    """Calls of the CPU's `product` ("streamed", "oneDNN" or "in blocks") in `model`'s projections, counted."""
     calls = []
     if product == "streamed":
         for module in model.modules():
@@ -96,7 +97,9 @@ def counted(monkeypatch, model, product):
                 streamed = module.streamed_product
                 module.streamed_product = lambda *args, streamed=streamed: calls.append(1) or streamed(*args)
     else:
-        monkeypatch.setattr(cpu_kernels, "linear_in_blocks", lambda *args: calls.append(1) or linear_in_blocks(*args))
+        name = {"oneDNN": "onednn_linear", "in blocks": "linear_in_blocks"}[product]
+        function = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *args: calls.append(1) or function(*args))
     return calls
 
 
@@ -109,21 +112,35 @@ def greedy_with_margins(model, prompt, steps):
     return out.sequences
 
 
-@pytest.mark.parametrize("batch, cpu, product, calls_a_step", [
-    (4, INTEL_AVX512, "in blocks", 2 + 1),  # products of 256 features or more in blocks: each c_fc, the head
-    (1, AMD_AVX512, "streamed", 2 * 6 + 1),  # one row: every projection and the head
+# A 5-token prompt, then 5 one-token steps. Each step multiplies `batch` rows by the 2 x 6 projections and the head;
+# the prompt's forward 5 x `batch` rows by the projections, and the last position's `batch` rows by the head.
+@pytest.mark.parametrize("batch, cpu, product, calls", [
+    (4, INTEL_AVX512, "in blocks", 5 * 3 + 1),  # 4-12 rows; of 256 features or more: each c_fc, the head
+    (1, AMD_AVX512, "streamed", 5 * 13 + 1),  # one row
+    (4, AMD_AVX512, "oneDNN", 5 * 13 + 13),  # 1-512 rows, where not streamed
 ])
-def test_greedy_decoding_takes_the_rules_product_and_gives_the_same_tokens(monkeypatch, batch, cpu, product,
-                                                                           calls_a_step):
+def test_greedy_decoding_takes_the_rules_product_and_gives_the_same_tokens(monkeypatch, batch, cpu, product, calls):
     torch.manual_seed(0)
     plain = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300, initializer_range=0.2)).eval()
     prompt = torch.randint(2, 300, (batch, 5), generator=torch.Generator().manual_seed(0))
     expected = greedy_with_margins(plain, prompt, 6)
     fast = use_cpu_kernels(plain, cpu)
-    calls = counted(monkeypatch, fast, product)
+    counter = counted(monkeypatch, fast, product)
     assert torch.equal(greedy_with_margins(fast, prompt, 6), expected)
-    # The 5 one-token steps; the prompt's forward (5 rows a sequence) takes the head's product if it scores 1 row.
-    assert len(calls) == 5 * calls_a_step + (batch <= 4)
+    assert len(counter) == calls
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_compiled_decode_step_with_the_rules_products_gives_the_same_tokens(batch):
+    """A static cache compiles the step, the streamed product inside it; oneDNN's product gives way to inductor's."""
+    torch.manual_seed(0)
+    plain = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300, initializer_range=0.2)).eval()
+    prompt = torch.randint(2, 300, (batch, 5), generator=torch.Generator().manual_seed(0))
+    expected = greedy_with_margins(plain, prompt, 6)
+    fast = use_cpu_kernels(plain, AMD_AVX512)
+    compiled = fast.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=1,
+                             cache_implementation="static", compile_config=cpu_compile_config())
+    assert torch.equal(compiled, expected)
 
 
 def test_the_weights_stay_tied_and_save_as_before(tmp_path):

@@ -61,6 +61,8 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
     }
     if cpu_kernels and CPU.this_machine().products:
         engines["MiniGPT eager, cpu_kernels"] = (use_cpu_kernels(build("minigpt", config, cpu).eval()), options)
+        engines["MiniGPT static+compile, cpu_kernels"] = (use_cpu_kernels(build("minigpt", config, cpu).eval()),
+                                                          compiled)
     timers = {}
     for name, (model, kwargs) in engines.items():
         model.generate(prompt, **kwargs)  # warm-up (and compilation)
