@@ -46,12 +46,11 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
     """Greedy decode tokens/s (a 32-token prompt, then `new_tokens`) on the CPU: MiniGPT eager, with a static cache +
     torch.compile, the same with int8 weights; GPT2LMHeadModel; onnxruntime on the ONNX export; llama.cpp on the
     q8_0 GGUF (batch 1: llama-cpp-python decodes one sequence); each runtime where it is installed. With
-    `cpu_kernels`, also MiniGPT eager with hf_minigpt.cpu_kernels, where its rule names this CPU."""
+    `cpu_kernels`, also MiniGPT eager and static+compile with hf_minigpt.cpu_kernels, where its rule names this CPU."""
     cpu = torch.device("cpu")
     config = config_for(shape)
     prompt = torch.randint(0, 256, (batch, 32), generator=torch.Generator().manual_seed(0))
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   attention_mask=torch.ones_like(prompt), pad_token_id=0)
+    options = dict(max_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(prompt), pad_token_id=0)
     compiled = dict(options, cache_implementation="static", compile_config=cpu_compile_config())
     engines = {
         "MiniGPT eager": (build("minigpt", config, cpu).eval(), options),
@@ -65,6 +64,8 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
                                                           compiled)
     timers = {}
     for name, (model, kwargs) in engines.items():
+        # Every token asked for, with no end-of-text check in the loop, as onnxruntime's and llama.cpp's loops here.
+        model.generation_config.eos_token_id = None
         model.generate(prompt, **kwargs)  # warm-up (and compilation)
         timers[name] = timer_of(lambda model=model, kwargs=kwargs: model.generate(prompt, **kwargs), cpu)
     if (folder / "onnx").exists():
