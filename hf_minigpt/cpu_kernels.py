@@ -30,7 +30,7 @@ BLOCK = 128  # output features per block
 class Products:
     """The rows that take each product on a CPU: the first product that applies, in this order, else nn.Linear's."""
     streamed: int = 0  # products of at most this many rows are streamed (outside autograd)
-    onednn: tuple[int, int] | None = None  # the fewest and the most rows through oneDNN (outside autograd)
+    onednn: tuple[int, int] | None = None  # the fewest and most rows through oneDNN (outside autograd, uncompiled)
     blocked: tuple[int, int] | None = None  # the fewest and the most rows in blocks
 
 
@@ -38,7 +38,7 @@ class Products:
 # from a CPU of that kind measured (docs/deployment.md); the AMD AVX2 one from an AMD AVX-512 CPU held to AVX2.
 RULES = {
     ("mkl", "GenuineIntel", "AVX512"): Products(blocked=(4, 12)),
-    ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, onednn=(1, 512)),
+    ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, onednn=(1, 512), blocked=(2, 16)),
     ("mkl", "AuthenticAMD", "AVX2"): Products(streamed=1, blocked=(1, 16)),
 }
 

@@ -60,7 +60,7 @@ def test_past_the_shapes_torch_compile_keeps_a_streamed_product_is_nn_linears():
 
 @pytest.mark.parametrize("cpu, products", [
     (INTEL_AVX512, Products(blocked=(4, 12))),
-    (AMD_AVX512, Products(streamed=1, onednn=(1, 512))),
+    (AMD_AVX512, Products(streamed=1, onednn=(1, 512), blocked=(2, 16))),
     (AMD_AVX2, Products(streamed=1, blocked=(1, 16))),
     (AMD_AVX2_WITHOUT_COMPILER, Products(blocked=(1, 16))),
     (INTEL_AVX2, None),
