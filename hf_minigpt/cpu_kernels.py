@@ -8,7 +8,8 @@ the same layout, faster there:
 - streamed (one row): a multiply-and-sum that torch.compile turns into one loop over the weight's rows, read once at
   memory speed; compiled on first use (seconds, then cached on disk); nn.Linear's results to a rounding;
 - oneDNN's linear, which inductor calls for frozen fp32 weights; nn.Linear's results to a rounding;
-- blocks: one batched product over views of W, a block of output features each; nn.Linear's results exactly.
+- blocks: one batched product over views of W, a block of output features each; nn.Linear's results to a
+  rounding.
 Which product, for how many rows, is a rule read from the machine (`CPU`): the BLAS, the CPU's vendor (MKL picks
 other kernels on AMD CPUs), the vector instructions PyTorch uses, and for streaming a C++ compiler for torch.compile.
 Nothing is timed. A rule can be forced by passing a `CPU`; docs/deployment.md gives the measurements behind each.
@@ -56,7 +57,8 @@ class CPU:
         held = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper()
         if held and not held.startswith("AVX512"):
             vector = held.split("_E")[0]  # MKL held to fewer instructions (AVX2, AVX2_E1, AVX, SSE4_2)
-        compiler = shutil.which(os.environ.get("CXX", "g++")) is not None  # what inductor runs on Linux
+        compiler = (torch._dynamo.is_dynamo_supported()  # and the compiler inductor runs on Linux
+                    and shutil.which(os.environ.get("CXX", "g++")) is not None)
         return cls("mkl" if torch.backends.mkl.is_available() else "other", cpu_vendor(), vector, compiler)
 
     @property
@@ -74,7 +76,7 @@ def cpu_vendor() -> str:
 
 
 def multiply_and_sum(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if not torch.compiler.is_compiling():  # torch.compile gave up (too many weight shapes in one process)
+    if not torch.compiler.is_dynamo_compiling():  # run as Python: torch.compile is off, or gave up (too many shapes)
         return rows @ weight.T
     return (rows.unsqueeze(-2) * weight).sum(-1)
 
@@ -127,15 +129,18 @@ class CPULinear(nn.Linear):
         self.streamed_product = compiled_streamed_product() if products.streamed else None  # compiles at first call
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.is_cpu and input.dtype == torch.float32:
-            rows, inference = input.numel() // input.shape[-1], not torch.is_grad_enabled()
-            if inference and rows <= self.products.streamed:
-                # Two dimensions: one compiled product a weight shape, whatever the input's.
+        # What nn.Linear would compute in fp32 (not under autocast), and not for an export, which keeps nn.Linear's.
+        if (input.is_cpu and input.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_exporting()):
+            rows = input.numel() // self.in_features
+            inference = not torch.is_grad_enabled()
+            if inference and 0 < rows <= self.products.streamed:
+                # Reshaped to two dimensions, so that one compiled product serves each weight shape.
                 output = self.streamed_product(input.reshape(rows, self.in_features), self.weight)
                 output = output.view(*input.shape[:-1], self.out_features)
                 return output if self.bias is None else output + self.bias
             # Inductor lowers oneDNN's linear only with weights it packed itself: compiled, it takes the product.
-            if inference and within(rows, self.products.onednn) and not torch.compiler.is_compiling():
+            if inference and within(rows, self.products.onednn) and not torch.compiler.is_dynamo_compiling():
                 return onednn_linear(input, self.weight, self.bias)
             if within(rows, self.products.blocked) and self.out_features >= 2 * BLOCK:
                 return linear_in_blocks(input, self.weight, self.bias)

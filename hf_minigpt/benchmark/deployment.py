@@ -62,10 +62,10 @@ def measure_deployment(shape, folder: Path, batch: int, new_tokens: int, repeats
         engines["MiniGPT eager, cpu_kernels"] = (use_cpu_kernels(build("minigpt", config, cpu).eval()), options)
         engines["MiniGPT static+compile, cpu_kernels"] = (use_cpu_kernels(build("minigpt", config, cpu).eval()),
                                                           compiled)
+    for model, _ in engines.values():  # every token asked for, no end-of-text check: as onnxruntime's and llama.cpp's
+        model.generation_config.eos_token_id = None
     timers = {}
     for name, (model, kwargs) in engines.items():
-        # Every token asked for, with no end-of-text check in the loop, as onnxruntime's and llama.cpp's loops here.
-        model.generation_config.eos_token_id = None
         model.generate(prompt, **kwargs)  # warm-up (and compilation)
         timers[name] = timer_of(lambda model=model, kwargs=kwargs: model.generate(prompt, **kwargs), cpu)
     if (folder / "onnx").exists():
