@@ -84,8 +84,9 @@ def multiply_and_sum(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @cache
 def compiled_streamed_product():
     """`rows @ weight.T` for a few rows, compiled for each weight shape: inductor fuses the multiply into the sum, so
-    no product of a row and the weight is ever stored, and each weight row is read once."""
-    return torch.compile(multiply_and_sum, dynamic=False)
+    no product of a row and the weight is ever stored, and each weight row is read once. Inductor's C++ wrapper calls
+    the kernel from C++ rather than Python: a few microseconds less for each of a step's products."""
+    return torch.compile(multiply_and_sum, dynamic=False, options={"cpp_wrapper": True})
 
 
 def linear_in_blocks(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
