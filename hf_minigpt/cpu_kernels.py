@@ -1,13 +1,15 @@
-"""Faster fp32 products for decoding on the CPUs where they are faster, switched on explicitly:
+"""Faster fp32 products on the CPUs where they are faster, switched on explicitly:
 
-    model = use_cpu_kernels(MiniGPTForCausalLM.from_pretrained(folder))   # in place; inference on the CPU
+    model = use_cpu_kernels(MiniGPTForCausalLM.from_pretrained(folder))   # in place; on the CPU
 
 Decoding multiplies one row per sequence by every weight, so its speed is how fast the weights are read. On some CPUs
-the BLAS's `x @ W^T` (nn.Linear's layout) reads them slowly for so few rows. Three products read the same weights, in
+the BLAS's `x @ W^T` (nn.Linear's layout) reads them slowly for so few rows; on AMD CPUs with AVX-512, MKL multiplies
+with AVX2 only, at about half of what the CPU can do for any number of rows. Three products read the same weights, in
 the same layout, faster there:
-- streamed (one row): a multiply-and-sum that torch.compile turns into one loop over the weight's rows, read once at
-  memory speed; compiled on first use (seconds, then cached on disk); nn.Linear's results to a rounding;
-- oneDNN's linear, which inductor calls for frozen fp32 weights; nn.Linear's results to a rounding;
+- streamed (one row, inference): a multiply-and-sum that torch.compile turns into one loop over the weight's rows,
+  read once at memory speed; compiled on first use (seconds, then cached on disk); nn.Linear's results to a rounding;
+- oneDNN's linear, which inductor calls for frozen fp32 weights, and its gradients through oneDNN too (training);
+  nn.Linear's results to a rounding;
 - blocks: one batched product over views of W, a block of output features each; nn.Linear's results to a
   rounding.
 Which product, for how many rows, is a rule read from the machine (`CPU`): the BLAS, the CPU's vendor (MKL picks
@@ -25,13 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCK = 128  # output features per block
+ANY = 2**62  # as many rows as there are
 
 
 @dataclass(frozen=True)
 class Products:
     """The rows that take each product on a CPU: the first product that applies, in this order, else nn.Linear's."""
     streamed: int = 0  # products of at most this many rows are streamed (outside autograd)
-    onednn: tuple[int, int] | None = None  # the fewest and most rows through oneDNN (outside autograd, uncompiled)
+    onednn: tuple[int, int] | None = None  # the fewest and most rows through oneDNN (uncompiled)
     blocked: tuple[int, int] | None = None  # the fewest and the most rows in blocks
 
 
@@ -39,7 +42,7 @@ class Products:
 # from a CPU of that kind measured (docs/deployment.md); the AMD AVX2 one from an AMD AVX-512 CPU held to AVX2.
 RULES = {
     ("mkl", "GenuineIntel", "AVX512"): Products(blocked=(4, 12)),
-    ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, onednn=(1, 512), blocked=(2, 16)),
+    ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, onednn=(1, ANY), blocked=(2, 16)),
     ("mkl", "AuthenticAMD", "AVX2"): Products(streamed=1, blocked=(1, 16)),
 }
 
@@ -114,13 +117,39 @@ def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return torch.ops.mkldnn._linear_pointwise(input, weight, bias, "none", [], "")
 
 
+class OneDNNLinear(torch.autograd.Function):
+    """`onednn_linear` with its gradients as oneDNN products too: each is a linear over transposed views (no copies),
+    `dx = g @ W` and `dW = g^T @ x`."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias):
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        grad_rows = grad_output.reshape(-1, weight.shape[0])
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = onednn_linear(grad_output, weight.T, None)
+        if ctx.needs_input_grad[1]:
+            grad_weight = onednn_linear(grad_rows.T, input.reshape(-1, weight.shape[1]).T, None)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_input, grad_weight, grad_bias
+
+
 def within(rows: int, span: tuple[int, int] | None) -> bool:
     return span is not None and span[0] <= rows <= span[1]
 
 
 class CPULinear(nn.Linear):
     """An `nn.Linear` (its own weight and bias, shared) whose fp32 products on the CPU take the product `products`
-    names for their number of rows (streamed ones outside autograd only)."""
+    names for their number of rows (streamed ones outside autograd only; oneDNN's with its own gradients)."""
+
+    computes_nn_linear = True  # nn.Linear's numbers to a rounding: the chunked loss may multiply by the weight itself
 
     def __init__(self, linear: nn.Linear, products: Products):
         nn.Module.__init__(self)
@@ -141,8 +170,8 @@ class CPULinear(nn.Linear):
                 output = output.view(*input.shape[:-1], self.out_features)
                 return output if self.bias is None else output + self.bias
             # Inductor lowers oneDNN's linear only with weights it packed itself: compiled, it takes the product.
-            if inference and within(rows, self.products.onednn) and not torch.compiler.is_dynamo_compiling():
-                return onednn_linear(input, self.weight, self.bias)
+            if within(rows, self.products.onednn) and not torch.compiler.is_dynamo_compiling():
+                return OneDNNLinear.apply(input, self.weight, self.bias)
             if within(rows, self.products.blocked) and self.out_features >= 2 * BLOCK:
                 return linear_in_blocks(input, self.weight, self.bias)
         return super().forward(input)

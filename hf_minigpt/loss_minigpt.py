@@ -100,12 +100,14 @@ def plain_linear_weight(head: nn.Module, name: str) -> torch.Tensor:
     """`head`'s weight, which the chunked loss multiplies by in place of calling `head`: refused where `head`'s forward
     computes more than `x @ weight.T` (an adapter such as LoRA, hooks such as a tensor-parallel plan's, a weight
     that is a shard or quantized). FSDP2's wrapper (a subclass whose hooks gather the weight around forward) is
-    nn.Linear's computation; its weight is checked as any other."""
+    nn.Linear's computation, as is a subclass that says so (`computes_nn_linear`: another kernel for the same
+    product); its weight is checked as any other."""
     kind = type(head)
     sharded = issubclass(kind, FSDPModule)
     if sharded:
         kind = next(base for base in kind.__mro__ if not issubclass(base, FSDPModule))
-    if kind is not nn.Linear or (not sharded and (head._forward_hooks or head._forward_pre_hooks)):
+    linear = kind is nn.Linear or (issubclass(kind, nn.Linear) and getattr(kind, "computes_nn_linear", False))
+    if not linear or (not sharded and (head._forward_hooks or head._forward_pre_hooks)):
         attached = "nn.Linear with forward hooks" if kind is nn.Linear else f"{kind.__module__}.{kind.__qualname__}"
         raise ValueError(f"skip_logits=True computes the loss from {name}'s weight without calling {name}, which is a "
                          f"{attached} here: train with skip_logits=False, or merge what is attached first.")

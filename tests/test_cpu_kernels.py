@@ -1,13 +1,15 @@
 """`use_cpu_kernels`: streamed, oneDNN and blocked products on the CPUs a rule names, nn.Linear's numbers (to a
 rounding). Every rule is forced here, whatever CPU runs the tests."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import hf_minigpt.cpu_kernels as cpu_kernels
 from hf_minigpt import MiniGPTForCausalLM
-from hf_minigpt.cpu_kernels import BLOCK, CPU, CPULinear, Products, linear_in_blocks, use_cpu_kernels
+from hf_minigpt.cpu_kernels import ANY, BLOCK, CPU, CPULinear, Products, linear_in_blocks, use_cpu_kernels
 from hf_minigpt.quantize import cpu_compile_config
 
 from conftest import tiny_config
@@ -46,6 +48,42 @@ def test_streamed_and_onednn_products_equal_the_plain_one(products, shape, bias)
     torch.testing.assert_close(CPULinear(linear, products)(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednns_product_equals_the_plain_one_with_gradients(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(200, 300, bias=bias)
+    x = torch.randn(3, 5, 200, requires_grad=True)
+    results = []
+    for product in (CPULinear(linear, Products(onednn=(1, ANY))), linear):
+        output = product(x)
+        upstream = torch.linspace(-1, 1, output.numel()).view_as(output)
+        results.append([output, *torch.autograd.grad(output, [x, *linear.parameters()], upstream)])
+    for onednn, plain in zip(*results):
+        torch.testing.assert_close(onednn, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_training_takes_onednns_products_forward_and_backward_and_learns_the_same(monkeypatch):
+    """Each step: 12 products forward (2 x 6 projections; the chunked loss multiplies by the head's weight itself),
+    and for each a gradient of its input and of its weight."""
+    torch.manual_seed(0)
+    plain = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300))
+    fast = use_cpu_kernels(copy.deepcopy(plain), AMD_AVX512)
+    counter = counted(monkeypatch, fast, "oneDNN")
+    batch = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for model in (plain, fast):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(3):
+            loss = model(batch, labels=batch, skip_logits=True).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append([loss.item(), model(batch, labels=batch, skip_logits=True).loss.item()])
+    assert len(counter) == 3 * 3 * 12 + 12
+    assert losses[0][1] < losses[0][0] - 0.1  # it learns
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
 @torch.no_grad()
 def test_past_the_shapes_torch_compile_keeps_a_streamed_product_is_nn_linears():
     torch._dynamo.reset()
@@ -60,7 +98,7 @@ def test_past_the_shapes_torch_compile_keeps_a_streamed_product_is_nn_linears():
 
 @pytest.mark.parametrize("cpu, products", [
     (INTEL_AVX512, Products(blocked=(4, 12))),
-    (AMD_AVX512, Products(streamed=1, onednn=(1, 512), blocked=(2, 16))),
+    (AMD_AVX512, Products(streamed=1, onednn=(1, ANY), blocked=(2, 16))),
     (AMD_AVX2, Products(streamed=1, blocked=(1, 16))),
     (AMD_AVX2_WITHOUT_COMPILER, Products(blocked=(1, 16))),
     (INTEL_AVX2, None),
@@ -117,7 +155,7 @@ def greedy_with_margins(model, prompt, steps):
 @pytest.mark.parametrize("batch, cpu, product, calls", [
     (4, INTEL_AVX512, "in blocks", 5 * 3 + 1),  # 4-12 rows; of 256 features or more: each c_fc, the head
     (1, AMD_AVX512, "streamed", 5 * 13 + 1),  # one row
-    (4, AMD_AVX512, "oneDNN", 5 * 13 + 13),  # 1-512 rows, where not streamed
+    (4, AMD_AVX512, "oneDNN", 5 * 13 + 13),  # any rows, where not streamed
 ])
 def test_greedy_decoding_takes_the_rules_product_and_gives_the_same_tokens(monkeypatch, batch, cpu, product, calls):
     torch.manual_seed(0)

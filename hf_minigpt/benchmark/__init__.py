@@ -45,8 +45,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--compile", action="store_true", help="Also static cache + torch.compile (default on GPU).")
-    parser.add_argument("--plain_kernels", action="store_true", help="MiniGPT decodes with nn.Linear's products "
-                        "even where hf_minigpt.cpu_kernels has faster ones for this CPU.")
+    parser.add_argument("--plain_kernels", action="store_true", help="MiniGPT trains and decodes with nn.Linear's "
+                        "products even where hf_minigpt.cpu_kernels has faster ones for this CPU.")
     parser.add_argument("--json", help="Write every figure to this file (updated after each measurement).")
     parser.add_argument("--bf16", action="store_true", help="Measure bf16 even on a CPU without native bf16.")
     parser.add_argument("--end_to_end", action="store_true", help="Also minigpt-pretrain against transformers' "

@@ -171,7 +171,7 @@ class Bench:
     compile_: bool
     dtypes: list[str]
     vllm_python: Path | None
-    cpu_kernels: bool  # MiniGPT decodes with hf_minigpt.cpu_kernels where its rule names this CPU
+    cpu_kernels: bool  # MiniGPT trains and decodes with hf_minigpt.cpu_kernels where its rule names this CPU
 
     def decoder(self, config: MiniGPTConfig) -> nn.Module:
         """MiniGPT for decoding, with the CPU's faster products where `cpu_kernels` is on."""
