@@ -532,3 +532,30 @@ def test_bits_per_byte_is_the_validation_texts_loss_in_bits_over_its_bytes(tmp_p
     card = ModelCard.load(output_dir / "README.md")
     index = {result.metric_type: result.metric_value for result in card.data.eval_results}
     assert index["bits_per_byte"] == pytest.approx(results["bits_per_byte"], abs=1e-4)
+
+
+# minigpt-pretrain with the rule of an AMD CPU with AVX-512 forced, whatever CPU runs the test, counting oneDNN's products.
+ON_AMD_AVX512 = """
+import atexit, sys
+import hf_minigpt.cpu_kernels as kernels
+kernels.CPU.this_machine = classmethod(lambda cls: kernels.CPU("mkl", "AuthenticAMD", "AVX512"))
+calls, product = [], kernels.onednn_linear
+kernels.onednn_linear = lambda *args: calls.append(1) or product(*args)
+atexit.register(lambda: print(f"oneDNN products: {len(calls)}"))
+from hf_minigpt.pretrain import main
+main(sys.argv[1:])
+"""
+
+
+def test_pretraining_takes_the_cpus_products_and_learns_what_nn_linears_learn(tmp_path):
+    """Each step multiplies 2 x 6 projections forward, and their inputs' and weights' gradients: 36 products."""
+    runs = {}
+    for name, flags in (("cpu_kernels", []), ("plain", ["--plain_kernels"])):
+        command = [sys.executable, "-c", ON_AMD_AVX512, *TINY, "--max_train_steps", "6", "--output_dir",
+                   str(tmp_path / name), "--gradient_accumulation_steps", "1", *flags]
+        runs[name] = launches.run(command, {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    assert "oneDNN products: 0" in runs["plain"].stdout
+    count = int(re.search(r"oneDNN products: (\d+)", runs["cpu_kernels"].stdout).group(1))
+    assert count >= 6 * 36
+    assert losses(tmp_path / "cpu_kernels") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    assert len(losses(tmp_path / "plain")) >= 2

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
+from ..cpu_kernels import use_cpu_kernels
 from ..folders import RunFolder, write_json
 from .checkpoint import Layout, Prepared, TrainingState, load_checkpoint, save_checkpoint, save_trained_model
 from .data import DataError
@@ -150,6 +152,10 @@ class TrainingRun:
         self.run_settings, self.optimization = run_settings, optimization
         self.name = name
         processes = accelerator.num_processes
+        # FSDP's and tensor parallelism's weights are shards, which the CPU's products do not multiply.
+        whole_weights = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
+        if accelerator.device.type == "cpu" and whole_weights and not run_settings.plain_kernels:
+            use_cpu_kernels(model, compile=False)  # the same weights; their products where this CPU has faster ones
         self.plan = plan_steps(optimization, math.ceil(len(train_loader) / processes) if sized(train_loader) else None)
         optimizer, scheduler = optimizer_and_schedule(model, optimization, self.plan.max_steps, processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
