@@ -22,8 +22,9 @@ def end_to_end_flags(shape) -> list[str]:
             "--lr_scheduler_type", "cosine", "--num_warmup_steps", "2"]
 
 
-def measure_end_to_end(shape, folder: Path, steps: int) -> dict:
-    """Training tokens/s as each script reports it, and each process's peak RSS."""
+def measure_end_to_end(shape, folder: Path, steps: int, cpu_kernels: bool = True) -> dict:
+    """Training tokens/s as each script reports it, and each process's peak RSS; minigpt-pretrain with the CPU's
+    faster products (its default) or, without `cpu_kernels`, nn.Linear's."""
     tokens, tokenizer = folder / "tokens", folder / "tokenizer"
     flags = end_to_end_flags(shape)
     # The tokenizer and the shard both scripts read.
@@ -34,7 +35,8 @@ def measure_end_to_end(shape, folder: Path, steps: int) -> dict:
     pad_vocabulary(tokenizer, shape[3])
     minigpt = run_measured([sys.executable, "-m", "hf_minigpt.pretrain", "--train_file", str(tokens / "train.bin"),
                             "--tokenizer_name", str(tokenizer), "--max_train_steps", str(steps), "--output_dir",
-                            str(folder / "minigpt"), "--max_new_tokens", "0", *flags], folder / "minigpt.log")
+                            str(folder / "minigpt"), "--max_new_tokens", "0", *flags,
+                            *([] if cpu_kernels else ["--plain_kernels"])], folder / "minigpt.log")
     minigpt["tokens_per_second"] = json.loads(RunFolder(folder / "minigpt").results.read_text())[
         "train_tokens_per_second"]
     trainer = run_measured([sys.executable, "-m", "hf_minigpt.benchmark", "--_trainer_child", json.dumps(shape),
@@ -87,7 +89,7 @@ def trainer_child(shape, folder: Path, steps: int) -> None:
 def end_to_end_table(bench: Bench, shape_name: str, shape) -> None:
     bench.report.say(f"end to end {shape_name}: minigpt-pretrain, then Trainer, {END_TO_END_STEPS} steps each")
     with tempfile.TemporaryDirectory() as folder:
-        scripts = measure_end_to_end(shape, Path(folder), END_TO_END_STEPS)
+        scripts = measure_end_to_end(shape, Path(folder), END_TO_END_STEPS, bench.cpu_kernels)
     scripts = {"minigpt": scripts["minigpt-pretrain"], "gpt2": scripts["Trainer"]}
     # Both scripts do the same arithmetic: how close each comes to the matmul peak bounds the ratio. Against the fp32
     # peak the training rows use, so that both kinds of MFU compare.
