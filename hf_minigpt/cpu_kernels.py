@@ -25,6 +25,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 BLOCK = 128  # output features per block
 ANY = 2**62  # as many rows as there are
@@ -38,8 +39,8 @@ class Products:
     blocked: tuple[int, int] | None = None  # the fewest and the most rows in blocks
 
 
-# (BLAS, vendor, PyTorch's vector instructions) -> its products. CPUs not listed keep the plain product: each rule comes
-# from a CPU of that kind measured (docs/deployment.md); the AMD AVX2 one from an AMD AVX-512 CPU held to AVX2.
+# (BLAS, vendor, PyTorch's vector instructions) -> its products. CPUs not listed keep the plain product: each rule
+# comes from a CPU of that kind measured (docs/deployment.md); the AMD AVX2 one from an AMD AVX-512 CPU held to AVX2.
 RULES = {
     ("mkl", "GenuineIntel", "AVX512"): Products(blocked=(4, 12)),
     ("mkl", "AuthenticAMD", "AVX512"): Products(streamed=1, onednn=(1, ANY), blocked=(2, 16)),
@@ -118,26 +119,26 @@ def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """`onednn_linear` with its gradients as oneDNN products too: each is a linear over transposed views (no copies),
-    `dx = g @ W` and `dW = g^T @ x`."""
+    """`onednn_linear` with its gradients as oneDNN products too, each a linear over transposed views (which oneDNN
+    may copy): `dx = g @ W` and `dW = g^T @ x`. Saves only what the gradients asked for need."""
 
     @staticmethod
     def forward(ctx, input, weight, bias):
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
+        needs_input, needs_weight, _ = ctx.needs_input_grad
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
+        ctx.features = weight.shape
         return onednn_linear(input, weight, bias)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        grad_rows = grad_output.reshape(-1, weight.shape[0])
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_input = onednn_linear(grad_output, weight.T, None)
-        if ctx.needs_input_grad[1]:
-            grad_weight = onednn_linear(grad_rows.T, input.reshape(-1, weight.shape[1]).T, None)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
+        out_features, in_features = ctx.features
+        needs_input, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_rows = grad_output.reshape(-1, out_features)
+        grad_input = onednn_linear(grad_output, weight.T, None) if needs_input else None
+        grad_weight = onednn_linear(grad_rows.T, input.reshape(-1, in_features).T, None) if needs_weight else None
+        grad_bias = grad_rows.sum(0) if needs_bias else None
         return grad_input, grad_weight, grad_bias
 
 
@@ -184,15 +185,16 @@ def use_cpu_kernels(model: nn.Module, cpu: CPU | None = None, compile: bool = Tr
     """Gives the transformer blocks' projections and the LM head the products that are faster on `cpu` (by default
     this machine's), in place, and returns the model. `compile=False` leaves out the products torch.compile builds
     (streaming, whose first use compiles for seconds), as a machine without a compiler does. On CPUs without a rule,
-    and for a model off the CPU or not in fp32, it changes nothing. The weights and what the model saves stay as
-    they were."""
+    for a model off the CPU or not in fp32, and for projections with hooks (written for nn.Linear), it changes
+    nothing. The weights and what the model saves stay as they were."""
     cpu = cpu or CPU.this_machine()
     products = (cpu if compile else replace(cpu, compiler=False)).products
     if products is None:
         return model
     for name, module in list(model.named_modules()):
         is_projection = ".h." in f".{name}." or name.rpartition(".")[2] == "lm_head"
-        if (type(module) is nn.Linear and is_projection and type(module.weight) is nn.Parameter
+        hooked = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        if (type(module) is nn.Linear and is_projection and type(module.weight) is nn.Parameter and not hooked
                 and module.weight.is_cpu and module.weight.dtype == torch.float32):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, CPULinear(module, products))

@@ -49,17 +49,37 @@ def test_streamed_and_onednn_products_equal_the_plain_one(products, shape, bias)
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_onednns_product_equals_the_plain_one_with_gradients(bias):
+@pytest.mark.parametrize("wanted", ["all", "frozen weight", "input without gradient", "a slice of a wider input"])
+def test_onednns_product_equals_the_plain_one_with_gradients(bias, wanted):
     torch.manual_seed(0)
     linear = nn.Linear(200, 300, bias=bias)
-    x = torch.randn(3, 5, 200, requires_grad=True)
+    x = torch.randn(3, 5, 400 if wanted == "a slice of a wider input" else 200)[..., :200]
+    x.requires_grad_(wanted != "input without gradient")
+    linear.weight.requires_grad_(wanted != "frozen weight")
+    tensors = [tensor for tensor in (x, *linear.parameters()) if tensor.requires_grad]
     results = []
     for product in (CPULinear(linear, Products(onednn=(1, ANY))), linear):
         output = product(x)
         upstream = torch.linspace(-1, 1, output.numel()).view_as(output)
-        results.append([output, *torch.autograd.grad(output, [x, *linear.parameters()], upstream)])
+        results.append([output, *torch.autograd.grad(output, tensors, upstream)])
     for onednn, plain in zip(*results):
         torch.testing.assert_close(onednn, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_derivative_through_onednns_product_is_refused():
+    linear = CPULinear(nn.Linear(8, 8), Products(onednn=(1, ANY)))
+    x = torch.randn(2, 8, requires_grad=True)
+    (grad,) = torch.autograd.grad(linear(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
+def test_projections_with_hooks_keep_nn_linear():
+    model = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300))
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, inputs, output: None)
+    use_cpu_kernels(model, AMD_AVX512)
+    assert type(model.transformer.h[0].mlp.c_fc) is nn.Linear
+    assert isinstance(model.transformer.h[1].mlp.c_fc, CPULinear)
 
 
 def test_training_takes_onednns_products_forward_and_backward_and_learns_the_same(monkeypatch):

@@ -37,8 +37,8 @@ BACKENDS = ["eager", "sdpa", "flex_attention"]
 def skip_flex_decoding_on_avx2():
     """torch 2.13's inductor compiles flex attention's decode steps into kernels that, held to AVX2 (an AVX2-only CPU,
     or ATEN_CPU_CAPABILITY=avx2), give tokens that vary from run to run: for a tiny LlamaForCausalLM too, on
-    transformers 5.24 and 5.25 alike. An upstream fault, checked here by what it does: where it varies, the test says
-    so instead of failing at random; where it does not, the test runs."""
+    transformers 5.24 and 5.25 alike. An upstream fault: the flex tests are skipped, with that reason, wherever
+    PyTorch's kernels are AVX2's, and run everywhere else."""
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         pytest.skip("flex attention's compiled decode on AVX2 kernels varies run to run (torch 2.13's inductor; "
                     "a tiny Llama does the same)")

@@ -534,28 +534,39 @@ def test_bits_per_byte_is_the_validation_texts_loss_in_bits_over_its_bytes(tmp_p
     assert index["bits_per_byte"] == pytest.approx(results["bits_per_byte"], abs=1e-4)
 
 
-# minigpt-pretrain with the rule of an AMD CPU with AVX-512 forced, whatever CPU runs the test, counting oneDNN's products.
+# minigpt-pretrain with the rule of an AMD CPU with AVX-512 forced, whatever CPU runs the test, counting oneDNN's
+# products and their backward passes.
 ON_AMD_AVX512 = """
 import atexit, sys
 import hf_minigpt.cpu_kernels as kernels
 kernels.CPU.this_machine = classmethod(lambda cls: kernels.CPU("mkl", "AuthenticAMD", "AVX512"))
-calls, product = [], kernels.onednn_linear
+calls, backwards = [], []
+product, backward = kernels.onednn_linear, kernels.OneDNNLinear.backward
 kernels.onednn_linear = lambda *args: calls.append(1) or product(*args)
-atexit.register(lambda: print(f"oneDNN products: {len(calls)}"))
+kernels.OneDNNLinear.backward = staticmethod(lambda *args: backwards.append(1) or backward(*args))
+atexit.register(lambda: print(f"oneDNN products: {len(calls)}, backward passes: {len(backwards)}"))
 from hf_minigpt.pretrain import main
 main(sys.argv[1:])
 """
 
 
 def test_pretraining_takes_the_cpus_products_and_learns_what_nn_linears_learn(tmp_path):
-    """Each step multiplies 2 x 6 projections forward, and their inputs' and weights' gradients: 36 products."""
-    runs = {}
-    for name, flags in (("cpu_kernels", []), ("plain", ["--plain_kernels"])):
-        command = [sys.executable, "-c", ON_AMD_AVX512, *TINY, "--max_train_steps", "6", "--output_dir",
-                   str(tmp_path / name), "--gradient_accumulation_steps", "1", *flags]
-        runs[name] = launches.run(command, {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
-    assert "oneDNN products: 0" in runs["plain"].stdout
-    count = int(re.search(r"oneDNN products: (\d+)", runs["cpu_kernels"].stdout).group(1))
-    assert count >= 6 * 36
+    """Each of the 6 steps passes back through 2 x 6 projections, each with its input's and weight's gradients."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    started = {name: launches.start([sys.executable, "-c", ON_AMD_AVX512, *TINY, "--max_train_steps", "6",
+                                     "--output_dir", str(tmp_path / name), "--gradient_accumulation_steps", "1",
+                                     *flags], env)
+               for name, flags in (("cpu_kernels", []), ("plain", ["--plain_kernels"]))}  # side by side
+    try:
+        runs = {name: launches.finish(process, timeout=300) for name, process in started.items()}
+    finally:  # a time-out in the first leaves nothing of the second either
+        for process in started.values():
+            launches.end(process)
+    assert all(run.returncode == 0 for run in runs.values()), [run.stderr[-2000:] for run in runs.values()]
+    assert "oneDNN products: 0, backward passes: 0" in runs["plain"].stdout
+    products, backwards = map(int, re.search(r"oneDNN products: (\d+), backward passes: (\d+)",
+                                             runs["cpu_kernels"].stdout).groups())
+    assert backwards == 6 * 12
+    assert products >= 6 * 12 * 3  # and the evaluations' forward products
     assert losses(tmp_path / "cpu_kernels") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
     assert len(losses(tmp_path / "plain")) >= 2

@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     quiet_loading()
     if args._memory_child:
-        return memory_child(args._memory_child[0], json.loads(args._memory_child[1]))
+        return memory_child(args._memory_child[0], json.loads(args._memory_child[1]), not args.plain_kernels)
     if args._trainer_child:
         shape, folder, steps = args._trainer_child
         return trainer_child(json.loads(shape), Path(folder), int(steps))

@@ -152,9 +152,11 @@ class TrainingRun:
         self.run_settings, self.optimization = run_settings, optimization
         self.name = name
         processes = accelerator.num_processes
-        # FSDP's and tensor parallelism's weights are shards, which the CPU's products do not multiply.
+        # FSDP's and tensor parallelism's weights are shards, which the CPU's products do not multiply; a compiled
+        # model takes inductor's products.
         whole_weights = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU)
-        if accelerator.device.type == "cpu" and whole_weights and not run_settings.plain_kernels:
+        plain = run_settings.plain_kernels or run_settings.torch_compile
+        if accelerator.device.type == "cpu" and whole_weights and not plain:
             use_cpu_kernels(model, compile=False)  # the same weights; their products where this CPU has faster ones
         self.plan = plan_steps(optimization, math.ceil(len(train_loader) / processes) if sized(train_loader) else None)
         optimizer, scheduler = optimizer_and_schedule(model, optimization, self.plan.max_steps, processes)

@@ -45,7 +45,8 @@ class RunSettings:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = setting(help="Default: Accelerate's config.")
     torch_compile: bool = setting(False, "Train the `torch.compile`d model.")
     plain_kernels: bool = setting(False, "Train with nn.Linear's products even where hf_minigpt.cpu_kernels has "
-                                  "faster ones for this CPU (on the CPU, in one process or data parallel).")
+                                  "faster ones for this CPU (on the CPU, in one process or data parallel; "
+                                  "--torch_compile takes inductor's).")
     checkpointing_steps: str | None = setting(help="Save every N optimizer steps, or 'epoch'.")
     resume_from_checkpoint: str | None = setting(help="A checkpoint folder, or 'latest' in --output_dir.")
     save_total_limit: int = setting(2, "How many checkpoints to keep.")
