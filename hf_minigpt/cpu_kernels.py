@@ -126,18 +126,16 @@ class OneDNNLinear(torch.autograd.Function):
     def forward(ctx, input, weight, bias):
         needs_input, needs_weight, _ = ctx.needs_input_grad
         ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
-        ctx.features = weight.shape
         return onednn_linear(input, weight, bias)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         input, weight = ctx.saved_tensors
-        out_features, in_features = ctx.features
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad
-        grad_rows = grad_output.reshape(-1, out_features)
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = onednn_linear(grad_output, weight.T, None) if needs_input else None
-        grad_weight = onednn_linear(grad_rows.T, input.reshape(-1, in_features).T, None) if needs_weight else None
+        grad_weight = onednn_linear(grad_rows.T, input.reshape(-1, input.shape[-1]).T, None) if needs_weight else None
         grad_bias = grad_rows.sum(0) if needs_bias else None
         return grad_input, grad_weight, grad_bias
 

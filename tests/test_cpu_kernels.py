@@ -22,18 +22,23 @@ INTEL_AVX2 = CPU("mkl", "GenuineIntel", "AVX2")
 WITHOUT_MKL = CPU("other", "GenuineIntel", "AVX512")
 
 
+def output_and_gradients(product, x, linear: nn.Linear) -> list[torch.Tensor]:
+    """`product(x)`, and the gradients of a fixed weighting of it for `x` and `linear`'s parameters, those that
+    require one."""
+    output = product(x)
+    upstream = torch.linspace(-1, 1, output.numel()).view_as(output)
+    wanted = [tensor for tensor in (x, *linear.parameters()) if tensor.requires_grad]
+    return [output, *torch.autograd.grad(output, wanted, upstream)]
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 4, 12, 13])
 def test_a_product_in_blocks_equals_the_plain_one_with_gradients(rows, bias):
     torch.manual_seed(0)
     linear = nn.Linear(32, 2 * BLOCK + 5, bias=bias)  # two whole blocks and a rest
     x = torch.randn(rows, 1, 32, requires_grad=True)
-    results = []
-    for product in (lambda x: linear_in_blocks(x, linear.weight, linear.bias), linear):
-        output = product(x)
-        upstream = torch.linspace(-1, 1, output.numel()).view_as(output)
-        results.append([output, *torch.autograd.grad(output, [x, *linear.parameters()], upstream)])
-    for blocked, plain in zip(*results):
+    in_blocks = output_and_gradients(lambda x: linear_in_blocks(x, linear.weight, linear.bias), x, linear)
+    for blocked, plain in zip(in_blocks, output_and_gradients(linear, x, linear)):
         torch.testing.assert_close(blocked, plain)
 
 
@@ -56,13 +61,8 @@ def test_onednns_product_equals_the_plain_one_with_gradients(bias, wanted):
     x = torch.randn(3, 5, 400 if wanted == "a slice of a wider input" else 200)[..., :200]
     x.requires_grad_(wanted != "input without gradient")
     linear.weight.requires_grad_(wanted != "frozen weight")
-    tensors = [tensor for tensor in (x, *linear.parameters()) if tensor.requires_grad]
-    results = []
-    for product in (CPULinear(linear, Products(onednn=(1, ANY))), linear):
-        output = product(x)
-        upstream = torch.linspace(-1, 1, output.numel()).view_as(output)
-        results.append([output, *torch.autograd.grad(output, tensors, upstream)])
-    for onednn, plain in zip(*results):
+    through_onednn = output_and_gradients(CPULinear(linear, Products(onednn=(1, ANY))), x, linear)
+    for onednn, plain in zip(through_onednn, output_and_gradients(linear, x, linear)):
         torch.testing.assert_close(onednn, plain, rtol=1e-5, atol=1e-5)
 
 

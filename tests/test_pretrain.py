@@ -34,9 +34,12 @@ TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32
         "--prompts", "The", "--max_new_tokens", "8"]
 
 
+LAUNCHED = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}  # what each launch here runs with
+
+
 def pretrain(*args: str, processes: int = 1, check: bool = True, env=None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "hf_minigpt.pretrain", *TINY, *args]
-    env = {**(env or os.environ), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {**(env or os.environ), **LAUNCHED}
     if processes > 1:  # data parallel on CPU: gloo, two ranks on this machine
         env["ACCELERATE_USE_CPU"] = "true"
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
@@ -552,7 +555,7 @@ main(sys.argv[1:])
 
 def test_pretraining_takes_the_cpus_products_and_learns_what_nn_linears_learn(tmp_path):
     """Each of the 6 steps passes back through 2 x 6 projections, each with its input's and weight's gradients."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **LAUNCHED}
     started = {name: launches.start([sys.executable, "-c", ON_AMD_AVX512, *TINY, "--max_train_steps", "6",
                                      "--output_dir", str(tmp_path / name), "--gradient_accumulation_steps", "1",
                                      *flags], env)

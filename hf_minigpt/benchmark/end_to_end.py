@@ -22,7 +22,7 @@ def end_to_end_flags(shape) -> list[str]:
             "--lr_scheduler_type", "cosine", "--num_warmup_steps", "2"]
 
 
-def measure_end_to_end(shape, folder: Path, steps: int, cpu_kernels: bool = True) -> dict:
+def measure_end_to_end(shape, folder: Path, steps: int, cpu_kernels: bool) -> dict:
     """Training tokens/s as each script reports it, and each process's peak RSS; minigpt-pretrain with the CPU's
     faster products (its default) or, without `cpu_kernels`, nn.Linear's."""
     tokens, tokenizer = folder / "tokens", folder / "tokenizer"

@@ -37,7 +37,7 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def measure_training(shape, device, dtype: str, repeats: int, gpu: bool, cpu_kernels: bool = False) -> dict:
+def measure_training(shape, device, dtype: str, repeats: int, gpu: bool, cpu_kernels: bool) -> dict:
     """Training tokens/s of the three models; with `cpu_kernels`, MiniGPT's products are the CPU's faster ones
     (hf_minigpt.cpu_kernels), where its rule names this CPU."""
     config = config_for(shape)
@@ -114,11 +114,11 @@ def device_peak_flops(device, dtype: str) -> tuple[float, str]:
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     n = 2048
     a, b = torch.randn(n, n, device=device, dtype=torch_dtype), torch.randn(n, n, device=device, dtype=torch_dtype)
-    seconds = {"": best_seconds(lambda: a @ b, device)}
+    seconds = {"matmul": best_seconds(lambda: a @ b, device)}
     if device.type == "cpu" and dtype == "fp32" and torch.backends.mkldnn.is_available():
-        seconds["oneDNN's "] = best_seconds(lambda: onednn_linear(a, b, None), device)
+        seconds["oneDNN's matmul"] = best_seconds(lambda: onednn_linear(a, b, None), device)
     fastest = min(seconds, key=seconds.get)
-    return 2 * n**3 / seconds[fastest], f"measured {n}x{n} {fastest}matmul"
+    return 2 * n**3 / seconds[fastest], f"measured {n}x{n} {fastest}"
 
 
 def train_table(bench: Bench, shape_name: str, shape) -> None:
