@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -34,14 +37,41 @@ def sequence_log_prob(model, sequence, prompt_length):
 BACKENDS = ["eager", "sdpa", "flex_attention"]
 
 
+FLEX_ON_AVX2_READS_PAST_THE_KEYS = """
+import math, torch
+from torch.nn.attention.flex_attention import flex_attention
+torch.manual_seed(0)
+query = torch.randn(1, 2, 1, 16)
+# 8 keys and values, followed in memory by NaN rows that attention over the 8 must never read
+key, value = (torch.cat([torch.randn(1, 2, 8, 16), torch.full((1, 2, 8, 16), math.nan)], dim=2)[:, :, :8]
+              for _ in range(2))
+expected = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+print(torch.compile(flex_attention, dynamic=False)(query, key, value).sub(expected).abs().max().item())
+"""
+
+
 def skip_flex_decoding_on_avx2():
-    """torch 2.13's inductor compiles flex attention's decode steps into kernels that, held to AVX2 (an AVX2-only CPU,
-    or ATEN_CPU_CAPABILITY=avx2), give tokens that vary from run to run: for a tiny LlamaForCausalLM too, on
-    transformers 5.24 and 5.25 alike. An upstream fault: the flex tests are skipped, with that reason, wherever
-    PyTorch's kernels are AVX2's, and run everywhere else."""
+    """torch 2.13's inductor compiles flex attention on the CPU into a C++ template whose q·kᵀ micro-GEMM (for a
+    transposed B) loads whole 16-key blocks: on AVX2 kernels (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) it
+    reads key rows past the last key when their count is 8 mod 16, so a decode step's scores take whatever lies
+    after the cache in memory. Any model is hit (a tiny LlamaForCausalLM too), and the tokens vary from run to run.
+    The flex tests are skipped where PyTorch's kernels are AVX2's; `test_torch_flex_attention_on_avx2_...` checks
+    that the fault is still there."""
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
-        pytest.skip("flex attention's compiled decode on AVX2 kernels varies run to run (torch 2.13's inductor; "
-                    "a tiny Llama does the same)")
+        pytest.skip("torch 2.13's compiled flex attention reads keys past the cache's end on AVX2 kernels (upstream; "
+                    "see test_torch_flex_attention_on_avx2_still_reads_past_the_keys)")
+
+
+def test_torch_flex_attention_on_avx2_still_reads_past_the_keys():
+    """The upstream case behind `skip_flex_decoding_on_avx2`, without transformers or MiniGPT: PyTorch alone,
+    held to AVX2 kernels (which any x86-64 CPU here runs), attends over 8 keys that memory follows with NaN rows.
+    The day PyTorch stops reading them, this fails: then run the flex tests on AVX2 again."""
+    result = subprocess.run([sys.executable, "-c", FLEX_ON_AVX2_READS_PAST_THE_KEYS], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    difference = float(result.stdout.split()[-1])
+    assert not difference < 1e-4, ("compiled flex attention on AVX2 kernels now matches SDPA: fixed upstream, so "
+                                   "drop skip_flex_decoding_on_avx2 and run the flex tests there")
 
 
 def skip_flex_static_before_5_24():
@@ -76,8 +106,8 @@ def record_attention(model, backend):
 @pytest.fixture
 def lively_model():
     """Weights drawn with a large spread, so that its logits lie apart: greedy tokens compared across attention
-    backends, caches and batch layouts, which sum in other orders, never hang on a rounding. (A tiny model with GPT-2's
-    init has near-uniform logits: on an AVX2 CPU, flex attention flipped near-ties.)"""
+    backends, caches and batch layouts, which sum in other orders, never hang on a rounding (a tiny model with GPT-2's
+    init has near-uniform logits)."""
     torch.manual_seed(0)
     return MiniGPTForCausalLM(tiny_config(initializer_range=0.5)).eval()
 
