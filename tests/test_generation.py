@@ -62,6 +62,7 @@ def skip_flex_decoding_on_avx2():
                     "see test_torch_flex_attention_on_avx2_still_reads_past_the_keys)")
 
 
+@pytest.mark.slow  # PyTorch alone: CI's run on the newest transformers is enough
 def test_torch_flex_attention_on_avx2_still_reads_past_the_keys():
     """The upstream case behind `skip_flex_decoding_on_avx2`, without transformers or MiniGPT: PyTorch alone,
     held to AVX2 kernels (which any x86-64 CPU here runs), attends over 8 keys that memory follows with NaN rows.
