@@ -13,6 +13,35 @@ IGNORE_INDEX = -100
 LOSS_CHUNK_ELEMENTS = 2**25  # logits computed at once: 128 MB in fp32
 
 
+class MatmulProducts:
+    """The loss's three products of a chunk of rows with the head's weight, through PyTorch's matmul. A head that
+    computes nn.Linear's product with other kernels (`computes_nn_linear`) may name faster ones for the same products
+    (`head.loss_products(rows, dtype)`)."""
+
+    @staticmethod
+    def logits(rows, weight, out):
+        return torch.mm(rows, weight.T, out=out)
+
+    @staticmethod
+    def grad_rows(grad_logits, weight, out):
+        return torch.mm(grad_logits, weight, out=out)
+
+    @staticmethod
+    def add_grad_weight(grad_weight_sum, grad_logits, scaled_rows):
+        """`grad_weight_sum + grad_logits.T @ scaled_rows`, summed in fp32; the first chunk's product
+        (`grad_weight_sum` None) starts the sum, so no (vocab, n_embd) zeros are filled."""
+        if grad_weight_sum is None:
+            return (grad_logits.T @ scaled_rows).float()
+        if grad_logits.dtype == torch.float32:
+            return grad_weight_sum.addmm_(grad_logits.T, scaled_rows)
+        return grad_weight_sum.add_(grad_logits.T @ scaled_rows)  # a low-precision product, summed in fp32
+
+    @staticmethod
+    def grad_weight(grad_weight_sum):
+        """The weight's gradient, (vocab, n_embd), from the sum `add_grad_weight` kept."""
+        return grad_weight_sum
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` against `targets`, summed over rows and divided by `num_items`,
     computed a chunk of rows at a time.
@@ -24,10 +53,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool):
+    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool, dtype, products):
         # Under autocast the matmuls run in its dtype: cast once here, not once per chunk and matmul.
-        device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         matmul_hidden, matmul_weight = hidden.to(dtype), weight.to(dtype)
         kept = targets != IGNORE_INDEX
         picked = targets.clamp(min=0)
@@ -45,7 +72,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             chunk = slice(start, start + chunk_rows)
             rows = matmul_hidden[chunk]
-            logits = torch.mm(rows, matmul_weight.T, out=logits_buffer[: len(rows)])
+            logits = products.logits(rows, matmul_weight, logits_buffer[: len(rows)])
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[: len(rows)])
             target_log_probs = log_probs.gather(1, picked[chunk, None]).squeeze(1)
             loss -= (target_log_probs * kept[chunk]).sum()
@@ -54,18 +81,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = log_probs.exp_()
             grad_logits[torch.arange(len(rows), device=rows.device), picked[chunk]] -= 1
             grad_logits = grad_logits.to(dtype)
-            torch.mm(grad_logits, matmul_weight, out=grad_hidden[chunk]).mul_(row_weight[chunk])
-            scaled_rows = (rows * row_weight[chunk]).to(dtype)
-            if grad_weight is None:  # the first chunk's product starts the sum: no (vocab, n_embd) zeros to fill
-                grad_weight = (grad_logits.T @ scaled_rows).float()
-            elif dtype == torch.float32:
-                grad_weight.addmm_(grad_logits.T, scaled_rows)
-            else:  # a low-precision product, summed over the chunks in fp32
-                grad_weight += grad_logits.T @ scaled_rows
+            products.grad_rows(grad_logits, matmul_weight, grad_hidden[chunk]).mul_(row_weight[chunk])
+            grad_weight = products.add_grad_weight(grad_weight, grad_logits, (rows * row_weight[chunk]).to(dtype))
         if with_grads:
             # Kept on ctx rather than saved, so that backward can hand them over: autograd then adds the tied
             # embedding's gradient into them in place instead of into a new (vocab, n_embd) tensor.
-            ctx.grads = grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype)
+            ctx.grads = grad_hidden.to(hidden.dtype), products.grad_weight(grad_weight).to(weight.dtype)
         return loss / num_items
 
     @staticmethod
@@ -78,12 +99,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # loss.backward() passes 1: nothing to scale
             grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
             grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
+def chunked_lm_loss(hidden_states, head, labels, num_items_in_batch=None, shift_labels=None, **kwargs):
     """The causal-LM loss of `transformers`' ForCausalLMLoss (labels shifted inside, -100 ignored, mean or
-    sum / num_items_in_batch), without materializing the (B, T, vocab) logits."""
+    sum / num_items_in_batch) of `head`'s logits, without materializing the (B, T, vocab) logits."""
+    weight = plain_linear_weight(head, "lm_head")
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
@@ -93,7 +115,10 @@ def chunked_lm_loss(hidden_states, weight, labels, num_items_in_batch=None, shif
     chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    products = head.loss_products(len(hidden), dtype) if hasattr(head, "loss_products") else MatmulProducts
+    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads, dtype, products)
 
 
 def plain_linear_weight(head: nn.Module, name: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ from .checks_minigpt import check_shapes, check_values
 from .compat_minigpt import CACHE_FIELD, accepts_past_key_values, slice_logits_to_keep
 from .configuration_minigpt import MiniGPTConfig
 from .conversion_minigpt import GPT2_ONLY_TENSORS, conversions_registered
-from .loss_minigpt import chunked_lm_loss, plain_linear_weight
+from .loss_minigpt import chunked_lm_loss
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -314,7 +314,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = loss = None
         if skip_logits:
-            loss = chunked_lm_loss(hidden_states, plain_linear_weight(self.lm_head, "lm_head"), labels, **kwargs)
+            loss = chunked_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
         else:
             logits = self.lm_head(hidden_states)  # (B, T, vocab)
             if labels is not None:
