@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .loss_minigpt import MatmulProducts
+from .loss_minigpt import HeadMatmuls
 
 BLOCK = 128  # output features per block
 ANY = 2**62  # as many rows as there are
@@ -142,7 +142,7 @@ class OneDNNLinear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias
 
 
-class OneDNNLossProducts(MatmulProducts):
+class OneDNNHeadMatmuls(HeadMatmuls):
     """The chunked loss's products of the head (`skip_logits=True`) through oneDNN, in fp32. The weight's gradient
     is summed transposed, (n_embd, vocab): oneDNN writes that layout faster than nn.Linear's."""
 
@@ -152,7 +152,7 @@ class OneDNNLossProducts(MatmulProducts):
 
     @staticmethod
     def grad_rows(grad_logits, weight, out):
-        return out.copy_(onednn_linear(grad_logits, weight.T, None))
+        return onednn_linear(grad_logits, weight.T, None)
 
     @staticmethod
     def add_grad_weight(grad_weight_sum, grad_logits, scaled_rows):
@@ -164,12 +164,16 @@ class OneDNNLossProducts(MatmulProducts):
         return transposed(grad_weight_sum)
 
 
+TRANSPOSED_COLUMNS = 512  # columns a transposed copy moves at once
+
+
 def transposed(matrix: torch.Tensor) -> torch.Tensor:
-    """`matrix.T.contiguous()`, copied 512 columns at a time: PyTorch's copy of a whole (768, 50257) matrix's
-    transpose took twice as long here (91 against 43 ms), its reads and writes far apart in memory."""
+    """`matrix.T.contiguous()`, copied `TRANSPOSED_COLUMNS` columns at a time: on the AMD EPYC with AVX-512, PyTorch's
+    copy of a whole (768, 50257) matrix's transpose took twice as long (91 against 43 ms), its reads and writes far
+    apart in memory."""
     copy = matrix.new_empty(matrix.shape[::-1])
-    for start in range(0, matrix.shape[1], 512):
-        copy[start:start + 512].copy_(matrix[:, start:start + 512].T)
+    for start in range(0, matrix.shape[1], TRANSPOSED_COLUMNS):
+        copy[start:start + TRANSPOSED_COLUMNS].copy_(matrix[:, start:start + TRANSPOSED_COLUMNS].T)
     return copy
 
 
@@ -208,10 +212,12 @@ class CPULinear(nn.Linear):
                 return linear_in_blocks(input, self.weight, self.bias)
         return super().forward(input)
 
-    def loss_products(self, rows: int, dtype: torch.dtype):
-        """The products the chunked loss (`skip_logits=True`) multiplies `rows` rows by this head's weight with."""
-        onednn = self.weight.is_cpu and dtype == torch.float32 and within(rows, self.products.onednn)
-        return OneDNNLossProducts if onednn else MatmulProducts
+    def loss_matmuls(self, rows: int, dtype: torch.dtype):
+        """The products the chunked loss (`skip_logits=True`) multiplies up to `rows` rows by this head's weight with:
+        oneDNN's where `products` sends them there, in fp32 and not while torch.compile traces (as `forward`)."""
+        onednn = (self.weight.is_cpu and dtype == torch.float32 and within(rows, self.products.onednn)
+                  and not torch.compiler.is_compiling())
+        return OneDNNHeadMatmuls if onednn else HeadMatmuls
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.products}"

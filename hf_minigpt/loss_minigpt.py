@@ -13,23 +13,25 @@ IGNORE_INDEX = -100
 LOSS_CHUNK_ELEMENTS = 2**25  # logits computed at once: 128 MB in fp32
 
 
-class MatmulProducts:
+class HeadMatmuls:
     """The loss's three products of a chunk of rows with the head's weight, through PyTorch's matmul. A head that
     computes nn.Linear's product with other kernels (`computes_nn_linear`) may name faster ones for the same products
-    (`head.loss_products(rows, dtype)`)."""
+    (`head.loss_matmuls(rows, dtype)`). Each returns its product: `out` is a buffer it may write it into."""
 
     @staticmethod
     def logits(rows, weight, out):
+        """(rows, vocab): `rows @ weight.T`."""
         return torch.mm(rows, weight.T, out=out)
 
     @staticmethod
     def grad_rows(grad_logits, weight, out):
+        """(rows, n_embd): `grad_logits @ weight`."""
         return torch.mm(grad_logits, weight, out=out)
 
     @staticmethod
     def add_grad_weight(grad_weight_sum, grad_logits, scaled_rows):
-        """`grad_weight_sum + grad_logits.T @ scaled_rows`, summed in fp32; the first chunk's product
-        (`grad_weight_sum` None) starts the sum, so no (vocab, n_embd) zeros are filled."""
+        """The sum over chunks of `grad_logits.T @ scaled_rows`, in fp32 and in any layout `grad_weight` reads; the
+        first chunk's product (`grad_weight_sum` None) starts it, so no (vocab, n_embd) zeros are filled."""
         if grad_weight_sum is None:
             return (grad_logits.T @ scaled_rows).float()
         if grad_logits.dtype == torch.float32:
@@ -53,7 +55,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool, dtype, products):
+    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool, dtype, matmuls):
         # Under autocast the matmuls run in its dtype: cast once here, not once per chunk and matmul.
         matmul_hidden, matmul_weight = hidden.to(dtype), weight.to(dtype)
         kept = targets != IGNORE_INDEX
@@ -72,7 +74,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             chunk = slice(start, start + chunk_rows)
             rows = matmul_hidden[chunk]
-            logits = products.logits(rows, matmul_weight, logits_buffer[: len(rows)])
+            logits = matmuls.logits(rows, matmul_weight, logits_buffer[: len(rows)])
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[: len(rows)])
             target_log_probs = log_probs.gather(1, picked[chunk, None]).squeeze(1)
             loss -= (target_log_probs * kept[chunk]).sum()
@@ -81,12 +83,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_logits = log_probs.exp_()
             grad_logits[torch.arange(len(rows), device=rows.device), picked[chunk]] -= 1
             grad_logits = grad_logits.to(dtype)
-            products.grad_rows(grad_logits, matmul_weight, grad_hidden[chunk]).mul_(row_weight[chunk])
-            grad_weight = products.add_grad_weight(grad_weight, grad_logits, (rows * row_weight[chunk]).to(dtype))
+            grad_rows = matmuls.grad_rows(grad_logits, matmul_weight, grad_hidden[chunk])
+            torch.mul(grad_rows, row_weight[chunk], out=grad_hidden[chunk])
+            grad_weight = matmuls.add_grad_weight(grad_weight, grad_logits, (rows * row_weight[chunk]).to(dtype))
         if with_grads:
             # Kept on ctx rather than saved, so that backward can hand them over: autograd then adds the tied
             # embedding's gradient into them in place instead of into a new (vocab, n_embd) tensor.
-            ctx.grads = grad_hidden.to(hidden.dtype), products.grad_weight(grad_weight).to(weight.dtype)
+            ctx.grads = grad_hidden.to(hidden.dtype), matmuls.grad_weight(grad_weight).to(weight.dtype)
         return loss / num_items
 
     @staticmethod
@@ -117,8 +120,9 @@ def chunked_lm_loss(hidden_states, head, labels, num_items_in_batch=None, shift_
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    products = head.loss_products(len(hidden), dtype) if hasattr(head, "loss_products") else MatmulProducts
-    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads, dtype, products)
+    rows = min(chunk_rows, len(hidden))  # the most that one product multiplies
+    matmuls = head.loss_matmuls(rows, dtype) if hasattr(head, "loss_matmuls") else HeadMatmuls
+    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads, dtype, matmuls)
 
 
 def plain_linear_weight(head: nn.Module, name: str) -> torch.Tensor:
@@ -136,6 +140,9 @@ def plain_linear_weight(head: nn.Module, name: str) -> torch.Tensor:
         attached = "nn.Linear with forward hooks" if kind is nn.Linear else f"{kind.__module__}.{kind.__qualname__}"
         raise ValueError(f"skip_logits=True computes the loss from {name}'s weight without calling {name}, which is a "
                          f"{attached} here: train with skip_logits=False, or merge what is attached first.")
+    if head.bias is not None:
+        raise ValueError(f"skip_logits=True computes the loss from {name}'s weight alone, and {name} has a bias here: "
+                         "train with skip_logits=False.")
     if type(head.weight) is not nn.Parameter:
         raise ValueError(f"skip_logits=True computes the loss from {name}'s weight, which is a "
                          f"{type(head.weight).__name__} here (sharded or quantized): train with skip_logits=False.")

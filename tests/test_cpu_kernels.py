@@ -11,7 +11,9 @@ from torch import nn
 import hf_minigpt.cpu_kernels as cpu_kernels
 import hf_minigpt.loss_minigpt as loss_minigpt
 from hf_minigpt import MiniGPTForCausalLM
-from hf_minigpt.cpu_kernels import ANY, BLOCK, CPU, CPULinear, Products, linear_in_blocks, use_cpu_kernels
+from hf_minigpt.cpu_kernels import (ANY, BLOCK, CPU, CPULinear, OneDNNHeadMatmuls, Products, linear_in_blocks,
+                                    use_cpu_kernels)
+from hf_minigpt.loss_minigpt import HeadMatmuls
 from hf_minigpt.quantize import cpu_compile_config
 
 from conftest import tiny_config
@@ -86,8 +88,8 @@ def test_projections_with_hooks_keep_nn_linear():
 
 def test_training_takes_onednns_products_forward_and_backward_and_learns_the_same(monkeypatch):
     """Each step: 12 products forward (2 x 6 projections) and for each a gradient of its input and of its weight,
-    then the chunked loss's 3 products with the head's weight for each of its 3 chunks; the evaluation after the
-    steps computes the loss so too."""
+    then the chunked loss's 3 products with the head's weight for each of its 3 chunks. The evaluation after the
+    steps takes the forward products and the chunks' logits."""
     monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 300 * 12)  # chunks of 12 of the 32 rows
     torch.manual_seed(0)
     plain = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300))
@@ -102,8 +104,9 @@ def test_training_takes_onednns_products_forward_and_backward_and_learns_the_sam
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        losses.append([loss.item(), model(batch, labels=batch, skip_logits=True).loss.item()])
-    assert len(counter) == 4 * (12 + 3 * 3) + 3 * 2 * 12
+        with torch.no_grad():
+            losses.append([loss.item(), model(batch, labels=batch, skip_logits=True).loss.item()])
+    assert len(counter) == 3 * (12 + 2 * 12 + 3 * 3) + (12 + 3)
     assert losses[0][1] < losses[0][0] - 0.1  # it learns
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
 
@@ -111,7 +114,7 @@ def test_training_takes_onednns_products_forward_and_backward_and_learns_the_sam
 @pytest.mark.parametrize("autocast", [False, True])
 def test_the_chunked_loss_multiplies_by_the_head_through_onednn_in_fp32(monkeypatch, autocast):
     """`skip_logits=True` with the head's products through oneDNN: the loss and both gradients of a plain
-    cross-entropy, over several chunks, with ignored labels; under bf16 autocast, PyTorch's products."""
+    cross-entropy, over several chunks, with ignored labels; under bf16 autocast, PyTorch's products, exactly."""
     monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 1000 * 12)  # chunks of 12, 12 and 8 rows
     torch.manual_seed(0)
     head = nn.Linear(64, 1000, bias=False)  # its gradient is transposed in blocks of 512 words
@@ -124,15 +127,26 @@ def test_the_chunked_loss_multiplies_by_the_head_through_onednn_in_fp32(monkeypa
             loss = loss_of_hidden(hidden)
         return [loss, *torch.autograd.grad(loss, [hidden, head.weight])]
 
-    plain = loss_and_gradients(lambda hidden: F.cross_entropy(head(hidden)[:, :-1].flatten(0, 1).float(),
-                                                              labels[:, 1:].flatten()))
+    if autocast:  # the chunked loss with the plain head
+        expected = loss_and_gradients(lambda hidden: loss_minigpt.chunked_lm_loss(hidden, head, labels))
+    else:
+        expected = loss_and_gradients(lambda hidden: F.cross_entropy(head(hidden)[:, :-1].flatten(0, 1),
+                                                                     labels[:, 1:].flatten()))
     counter = counted(monkeypatch, None, "oneDNN")
     fast_head = CPULinear(head, Products(onednn=(1, ANY)))
     through_onednn = loss_and_gradients(lambda hidden: loss_minigpt.chunked_lm_loss(hidden, fast_head, labels))
     assert len(counter) == (0 if autocast else 3 * 3)
-    tolerance = 2e-2 if autocast else 1e-5
-    for onednn, expected in zip(through_onednn, plain):
-        torch.testing.assert_close(onednn, expected, rtol=tolerance, atol=tolerance)
+    for onednn, plain in zip(through_onednn, expected):
+        torch.testing.assert_close(onednn, plain, rtol=0 if autocast else 1e-5, atol=0 if autocast else 1e-5)
+
+
+def test_the_loss_takes_onednns_products_only_in_fp32_within_the_rule_and_uncompiled(monkeypatch):
+    head = CPULinear(nn.Linear(8, 16, bias=False), Products(onednn=(1, 12)))
+    assert head.loss_matmuls(12, torch.float32) is OneDNNHeadMatmuls
+    assert head.loss_matmuls(13, torch.float32) is HeadMatmuls
+    assert head.loss_matmuls(12, torch.bfloat16) is HeadMatmuls
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert head.loss_matmuls(12, torch.float32) is HeadMatmuls
 
 
 @torch.no_grad()

@@ -396,6 +396,11 @@ class TestSkipLogits:
         with pytest.raises(ValueError, match="nn.Linear with forward hooks"):
             model(torch.tensor([[3, 4]]), labels=torch.tensor([[3, 4]]), skip_logits=True)
 
+    def test_a_head_with_a_bias_is_refused(self, model):
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        with pytest.raises(ValueError, match=r"^skip_logits=True .* lm_head has a bias here: train with "):
+            model(torch.tensor([[3, 4]]), labels=torch.tensor([[3, 4]]), skip_logits=True)
+
     def test_it_needs_labels(self, model):
         with pytest.raises(ValueError, match="pass `labels` too"):
             model(torch.tensor([[3, 4]]), skip_logits=True)
