@@ -8,8 +8,8 @@ with AVX2 only, at about half of what the CPU can do for any number of rows. Thr
 the same layout, faster there:
 - streamed (one row, inference): a multiply-and-sum that torch.compile turns into one loop over the weight's rows,
   read once at memory speed; compiled on first use (seconds, then cached on disk); nn.Linear's results to a rounding;
-- oneDNN's linear, which inductor calls for frozen fp32 weights, and its gradients through oneDNN too (training);
-  nn.Linear's results to a rounding;
+- oneDNN's linear, which inductor calls for frozen fp32 weights, and its gradients through oneDNN too (training),
+  as are the chunked loss's products with the LM head's weight; nn.Linear's results to a rounding;
 - blocks: one batched product over views of W, a block of output features each; nn.Linear's results to a
   rounding.
 Which product, for how many rows, is a rule read from the machine (`CPU`): the BLAS, the CPU's vendor (MKL picks
