@@ -14,8 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 def test_quick_benchmark_measures_every_model(tmp_path):
     # (vLLM's serving rows take a minute even here, and are left out: tests/test_vllm.py runs vLLM's engine.)
-    command = [sys.executable, str(SCRIPT), "--quick", "--end_to_end", "--data_scale", "--vllm", "none", "--json",
-               str(tmp_path / "b.json")]
+    command = [sys.executable, str(SCRIPT), "--quick", "--end_to_end", "--data_scale", "--vllm", "none",
+               "--reuse_freed_memory", "--json", str(tmp_path / "b.json")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "b.json").read_text())["results"]

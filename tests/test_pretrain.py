@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -543,30 +544,37 @@ ON_AMD_AVX512 = """
 import atexit, sys
 import hf_minigpt.cpu_kernels as kernels
 kernels.CPU.this_machine = classmethod(lambda cls: kernels.CPU("mkl", "AuthenticAMD", "AVX512"))
-calls, backwards = [], []
+calls, backwards, reused = [], [], []
 product, backward = kernels.onednn_linear, kernels.OneDNNLinear.backward
 kernels.onednn_linear = lambda *args: calls.append(1) or product(*args)
 kernels.OneDNNLinear.backward = staticmethod(lambda *args: backwards.append(1) or backward(*args))
-atexit.register(lambda: print(f"oneDNN products: {len(calls)}, backward passes: {len(backwards)}"))
+import hf_minigpt.training.loop as loop
+reuse = loop.reuse_freed_memory
+loop.reuse_freed_memory = lambda: reused.append(reuse())
+atexit.register(lambda: print(f"oneDNN products: {len(calls)}, backward passes: {len(backwards)}, "
+                              f"freed memory reused: {reused}"))
 from hf_minigpt.pretrain import main
 main(sys.argv[1:])
 """
 
 
 def test_pretraining_takes_the_cpus_products_and_learns_what_nn_linears_learn(tmp_path):
-    """Each of the 6 steps passes back through 2 x 6 projections, each with its input's and weight's gradients."""
+    """Each of the 6 steps passes back through 2 x 6 projections, each with its input's and weight's gradients (run
+    side by side, the first also keeping freed memory for reuse, as --reuse_freed_memory asks)."""
     env = {**os.environ, **LAUNCHED}
     started = {name: launches.start([sys.executable, "-c", ON_AMD_AVX512, *TINY, "--max_train_steps", "6",
                                      "--output_dir", str(tmp_path / name), "--gradient_accumulation_steps", "1",
                                      *flags], env)
-               for name, flags in (("cpu_kernels", []), ("plain", ["--plain_kernels"]))}  # side by side
+               for name, flags in (("cpu_kernels", ["--reuse_freed_memory"]), ("plain", ["--plain_kernels"]))}
     try:
         runs = {name: launches.finish(process, timeout=300) for name, process in started.items()}
     finally:  # a time-out in the first leaves nothing of the second either
         for process in started.values():
             launches.end(process)
     assert all(run.returncode == 0 for run in runs.values()), [run.stderr[-2000:] for run in runs.values()]
-    assert "oneDNN products: 0, backward passes: 0" in runs["plain"].stdout
+    assert "oneDNN products: 0, backward passes: 0, freed memory reused: []" in runs["plain"].stdout
+    # (asked for once, and it takes where the C library is glibc's)
+    assert f"freed memory reused: [{platform.libc_ver()[0] == 'glibc'}]" in runs["cpu_kernels"].stdout
     products, backwards = map(int, re.search(r"oneDNN products: (\d+), backward passes: (\d+)",
                                              runs["cpu_kernels"].stdout).groups())
     assert backwards == 6 * 12

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..cli import ArgumentParser, quiet_loading
+from ..cpu_memory import reuse_freed_memory
 from .data_scale import data_scale_table
 from .deployment import deploy_table
 from .end_to_end import END_TO_END_STEPS, end_to_end_table, trainer_child
@@ -47,6 +48,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile", action="store_true", help="Also static cache + torch.compile (default on GPU).")
     parser.add_argument("--plain_kernels", action="store_true", help="MiniGPT trains and decodes with nn.Linear's "
                         "products even where hf_minigpt.cpu_kernels has faster ones for this CPU.")
+    parser.add_argument("--reuse_freed_memory", action="store_true", help="On the CPU, large tensors reuse the "
+                        "memory freed before them, for every model (as minigpt-pretrain --reuse_freed_memory).")
     parser.add_argument("--json", help="Write every figure to this file (updated after each measurement).")
     parser.add_argument("--bf16", action="store_true", help="Measure bf16 even on a CPU without native bf16.")
     parser.add_argument("--end_to_end", action="store_true", help="Also minigpt-pretrain against transformers' "
@@ -60,6 +63,8 @@ def main(argv=None) -> None:
     parser.add_argument("--_trainer_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quiet_loading()
+    if args.reuse_freed_memory and args.device == "cpu":  # for every model, and each process the benchmark starts
+        reuse_freed_memory()
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]), not args.plain_kernels)
     if args._trainer_child:

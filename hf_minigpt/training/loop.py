@@ -20,6 +20,7 @@ from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
 from ..cpu_kernels import use_cpu_kernels
+from ..cpu_memory import reuse_freed_memory
 from ..folders import RunFolder, write_json
 from .checkpoint import Layout, Prepared, TrainingState, load_checkpoint, save_checkpoint, save_trained_model
 from .data import DataError
@@ -158,6 +159,8 @@ class TrainingRun:
         plain = run_settings.plain_kernels or run_settings.torch_compile
         if accelerator.device.type == "cpu" and whole_weights and not plain:
             use_cpu_kernels(model, compile=False)  # the same weights; their products where this CPU has faster ones
+        if accelerator.device.type == "cpu" and run_settings.reuse_freed_memory:
+            reuse_freed_memory()
         self.plan = plan_steps(optimization, math.ceil(len(train_loader) / processes) if sized(train_loader) else None)
         optimizer, scheduler = optimizer_and_schedule(model, optimization, self.plan.max_steps, processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
