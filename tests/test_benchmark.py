@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hf_minigpt.benchmark.runner import keep_capped_kernels_apart, native_bf16
 from hf_minigpt.cpu_kernels import CPU
+from hf_minigpt.cpu_memory import malloc_keeps_large_blocks
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -21,6 +22,11 @@ def test_quick_benchmark_measures_every_model(tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())["results"]
     # It says what it measures as it goes, on which CPU (instruction sets named), and skips emulated bf16.
     assert "--quick: tiny shapes and one repetition" in result.stdout and "not a measurement" in result.stdout
+    # Freed memory reused where malloc can be told to (glibc 2.35 or newer), and said so; else said why not.
+    reused = malloc_keeps_large_blocks()
+    assert ("every model's large tensors reuse" if reused else "malloc keeps its own ways") in result.stdout
+    settings = json.loads((tmp_path / "b.json").read_text())["settings"]
+    assert settings == {"plain_kernels": False, "reuse_freed_memory": reused}
     assert ("Skipping the bf16 rows: PyTorch has no native bf16 here" in result.stdout) == (not native_bf16())
     assert "measuring train tiny fp32 ..." in result.stdout
     assert "threads" in next(line for line in result.stdout.splitlines() if line.startswith("device: "))

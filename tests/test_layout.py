@@ -18,7 +18,7 @@ MODEL_FILES = {f"hf_minigpt.{name}_minigpt"
 LAYERS = [
     ("model", {"hf_minigpt", *MODEL_FILES}),
     ("folders, export and speed-ups", {"hf_minigpt.folders", "hf_minigpt.cli", "hf_minigpt.hub", "hf_minigpt.export",
-                                       "hf_minigpt.quantize", "hf_minigpt.cpu_kernels",
+                                       "hf_minigpt.quantize", "hf_minigpt.cpu_kernels", "hf_minigpt.cpu_memory",
                                        "hf_minigpt.chat"}),
     ("training", {"hf_minigpt.training", "hf_minigpt.tasks"}),
     ("commands and benchmark", {"hf_minigpt.pretrain", "hf_minigpt.finetune", "hf_minigpt.generate_cli",

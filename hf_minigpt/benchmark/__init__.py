@@ -15,12 +15,13 @@ and a static cache; MFU against the device's peak (a vendor figure on GPU, measu
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..cli import ArgumentParser, quiet_loading
-from ..cpu_memory import reuse_freed_memory
+from ..cpu_memory import MALLOC_ENVIRONMENT, reuse_freed_memory
 from .data_scale import data_scale_table
 from .deployment import deploy_table
 from .end_to_end import END_TO_END_STEPS, end_to_end_table, trainer_child
@@ -63,8 +64,13 @@ def main(argv=None) -> None:
     parser.add_argument("--_trainer_child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quiet_loading()
-    if args.reuse_freed_memory and args.device == "cpu":  # for every model, and each process the benchmark starts
-        reuse_freed_memory()
+    reused = args.reuse_freed_memory and torch.device(args.device).type == "cpu" and reuse_freed_memory()
+    if reused:
+        for name, value in MALLOC_ENVIRONMENT.items():  # every process it starts too, unless the user chose
+            os.environ.setdefault(name, value)
+    elif args.reuse_freed_memory:
+        print("--reuse_freed_memory: this C library's malloc keeps its own ways (it takes glibc 2.35 or newer, on "
+              "the CPU); measuring as it is.")
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]), not args.plain_kernels)
     if args._trainer_child:
@@ -72,7 +78,7 @@ def main(argv=None) -> None:
         return trainer_child(json.loads(shape), Path(folder), int(steps))
 
     keep_capped_kernels_apart()
-    bench = Bench.from_args(args)
+    bench = Bench.from_args(args, reused)
     tables = [table for table in TABLES if table in args.tables or getattr(args, table, False)]
     shapes = QUICK_SHAPES if args.quick else {name: SHAPES[name] for name in args.shapes}
     for shape_name, shape in shapes.items():

@@ -183,7 +183,7 @@ class Bench:
         return self.device.type == "cuda"
 
     @classmethod
-    def from_args(cls, args) -> "Bench":
+    def from_args(cls, args, reused_freed_memory: bool) -> "Bench":
         device = torch.device(args.device)
         gpu = device.type == "cuda"
         machine = torch.cuda.get_device_name(device) if gpu else cpu_description()
@@ -199,7 +199,12 @@ class Bench:
         if args.quick:
             print("--quick: tiny shapes and one repetition, to check that every part runs. Its figures and ratios "
                   "are not a measurement.")
-        return cls(device, Report(machine, repeats, args.json), args.quick, repeats,
+        if reused_freed_memory:
+            print("--reuse_freed_memory: every model's large tensors reuse the memory freed before them, in each "
+                  "process measured.")
+        report = Report(machine, repeats, args.json)
+        report.data["settings"] = {"plain_kernels": args.plain_kernels, "reuse_freed_memory": reused_freed_memory}
+        return cls(device, report, args.quick, repeats,
                    8 if args.quick else args.new_tokens, args.compile or gpu, dtypes, vllm_python,
                    not args.plain_kernels)
 

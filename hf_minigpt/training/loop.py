@@ -159,8 +159,9 @@ class TrainingRun:
         plain = run_settings.plain_kernels or run_settings.torch_compile
         if accelerator.device.type == "cpu" and whole_weights and not plain:
             use_cpu_kernels(model, compile=False)  # the same weights; their products where this CPU has faster ones
-        if accelerator.device.type == "cpu" and run_settings.reuse_freed_memory:
-            reuse_freed_memory()
+        if accelerator.device.type == "cpu" and run_settings.reuse_freed_memory and not reuse_freed_memory():
+            accelerator.print("--reuse_freed_memory: this C library's malloc keeps its own ways (it takes glibc 2.35 "
+                              "or newer); training as it is.")
         self.plan = plan_steps(optimization, math.ceil(len(train_loader) / processes) if sized(train_loader) else None)
         optimizer, scheduler = optimizer_and_schedule(model, optimization, self.plan.max_steps, processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(

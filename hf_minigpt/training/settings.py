@@ -48,7 +48,7 @@ class RunSettings:
                                   "faster ones for this CPU (on the CPU, in one process or data parallel; "
                                   "--torch_compile takes inductor's).")
     reuse_freed_memory: bool = setting(False, "On the CPU, large tensors reuse the memory freed before them "
-                                       "(glibc's malloc): faster steps, a higher peak memory (docs/speed.md).")
+                                       "(glibc 2.35 or newer): faster steps, a higher peak memory (docs/speed.md).")
     checkpointing_steps: str | None = setting(help="Save every N optimizer steps, or 'epoch'.")
     resume_from_checkpoint: str | None = setting(help="A checkpoint folder, or 'latest' in --output_dir.")
     save_total_limit: int = setting(2, "How many checkpoints to keep.")
