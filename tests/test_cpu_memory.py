@@ -19,10 +19,10 @@ class Mallinfo2(ctypes.Structure):
 libc = ctypes.CDLL(None)
 libc.mallinfo2.restype = Mallinfo2
 
-def mapped_apart_and_page_faults():
-    torch.empty(25 * 2**20).fill_(1)  # 100 MB, written, then freed
+def mapped_apart_and_page_faults():  # of a 90 MB tensor written after a 100 MB one was written and freed
+    torch.empty(25 * 2**20).fill_(1)
     mapped, faults = libc.mallinfo2().hblkhd, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    tensor = torch.empty(25 * 2**20).fill_(1)
+    tensor = torch.empty(90 * 2**18).fill_(1)
     return libc.mallinfo2().hblkhd - mapped, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 print(*mapped_apart_and_page_faults(), reuse_freed_memory(), *mapped_apart_and_page_faults())
@@ -38,9 +38,11 @@ def test_a_large_tensor_reuses_the_memory_freed_before_it():
                             timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     mapped_before, _, took, mapped_after, faults_after = result.stdout.split()
-    assert int(mapped_before) >= 100 * 2**20  # glibc's default: a mapping of its own, unmapped when freed
+    assert int(mapped_before) >= 90 * 2**20  # glibc's default: a mapping of its own, unmapped when freed
     assert took == "True"
-    assert int(mapped_after) == 0 and int(faults_after) < 100  # the heap's pages, written before: no fresh ones
+    # From the heap, in the pages the 100 MB tensor wrote: no fresh ones. (A tensor as large as the freed one may
+    # not fit its block, which the allocator's alignment makes a few bytes too small: the peak's growth.)
+    assert int(mapped_after) == 0 and int(faults_after) < 100
 
 
 @pytest.mark.parametrize("libc", [("", ""), ("glibc", "2.34")])
