@@ -550,7 +550,7 @@ kernels.onednn_linear = lambda *args: calls.append(1) or product(*args)
 kernels.OneDNNLinear.backward = staticmethod(lambda *args: backwards.append(1) or backward(*args))
 import hf_minigpt.training.loop as loop
 reuse = loop.reuse_freed_memory
-loop.reuse_freed_memory = lambda: reused.append(reuse())
+loop.reuse_freed_memory = lambda: reused.append(reuse()) or reused[-1]
 atexit.register(lambda: print(f"oneDNN products: {len(calls)}, backward passes: {len(backwards)}, "
                               f"freed memory reused: {reused}"))
 from hf_minigpt.pretrain import main
@@ -575,6 +575,7 @@ def test_pretraining_takes_the_cpus_products_and_learns_what_nn_linears_learn(tm
     assert "oneDNN products: 0, backward passes: 0, freed memory reused: []" in runs["plain"].stdout
     # (asked for once, and it takes where malloc can be told to)
     assert f"freed memory reused: [{malloc_keeps_large_blocks()}]" in runs["cpu_kernels"].stdout
+    assert ("keeps its own ways" in runs["cpu_kernels"].stdout) == (not malloc_keeps_large_blocks())
     products, backwards = map(int, re.search(r"oneDNN products: (\d+), backward passes: (\d+)",
                                              runs["cpu_kernels"].stdout).groups())
     assert backwards == 6 * 12
