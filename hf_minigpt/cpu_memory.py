@@ -17,6 +17,7 @@ import platform
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 KEPT_BYTES = 2**30  # allocations up to this size come from the heap, and up to this much freed memory stays
 MALLOC_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(KEPT_BYTES), "MALLOC_TRIM_THRESHOLD_": str(KEPT_BYTES)}
+NOT_REUSED = "--reuse_freed_memory: this C library's malloc keeps its own ways (it takes glibc 2.35 or newer)"
 
 
 def malloc_keeps_large_blocks() -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..cli import ArgumentParser, quiet_loading
-from ..cpu_memory import MALLOC_ENVIRONMENT, reuse_freed_memory
+from ..cpu_memory import MALLOC_ENVIRONMENT, NOT_REUSED, reuse_freed_memory
 from .data_scale import data_scale_table
 from .deployment import deploy_table
 from .end_to_end import END_TO_END_STEPS, end_to_end_table, trainer_child
@@ -69,8 +69,7 @@ def main(argv=None) -> None:
         for name, value in MALLOC_ENVIRONMENT.items():  # every process it starts too, unless the user chose
             os.environ.setdefault(name, value)
     elif args.reuse_freed_memory:
-        print("--reuse_freed_memory: this C library's malloc keeps its own ways (it takes glibc 2.35 or newer, on "
-              "the CPU); measuring as it is.")
+        print(f"{NOT_REUSED}, on the CPU; measuring as it is.")
     if args._memory_child:
         return memory_child(args._memory_child[0], json.loads(args._memory_child[1]), not args.plain_kernels)
     if args._trainer_child:

@@ -20,7 +20,7 @@ from transformers import get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
 from ..cpu_kernels import use_cpu_kernels
-from ..cpu_memory import reuse_freed_memory
+from ..cpu_memory import NOT_REUSED, reuse_freed_memory
 from ..folders import RunFolder, write_json
 from .checkpoint import Layout, Prepared, TrainingState, load_checkpoint, save_checkpoint, save_trained_model
 from .data import DataError
@@ -160,8 +160,7 @@ class TrainingRun:
         if accelerator.device.type == "cpu" and whole_weights and not plain:
             use_cpu_kernels(model, compile=False)  # the same weights; their products where this CPU has faster ones
         if accelerator.device.type == "cpu" and run_settings.reuse_freed_memory and not reuse_freed_memory():
-            accelerator.print("--reuse_freed_memory: this C library's malloc keeps its own ways (it takes glibc 2.35 "
-                              "or newer); training as it is.")
+            accelerator.print(f"{NOT_REUSED}; training as it is.")
         self.plan = plan_steps(optimization, math.ceil(len(train_loader) / processes) if sized(train_loader) else None)
         optimizer, scheduler = optimizer_and_schedule(model, optimization, self.plan.max_steps, processes)
         self.model, self.optimizer, self.train_loader, self.eval_loader, self.scheduler = accelerator.prepare(
