@@ -79,3 +79,18 @@ def test_a_capped_run_compiles_into_a_cache_of_its_own(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/chosen")
     keep_capped_kernels_apart()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/chosen"  # the user's choice stands
+
+
+def test_the_decode_ceiling_is_what_a_read_of_memory_reaches(monkeypatch):
+    # A decode step reads its weights and writes next to nothing: its ceiling is a read's bandwidth, not a copy's.
+    from hf_minigpt.benchmark import deployment
+
+    measured = []
+
+    def one_hundredth_of_a_second(work, device):
+        measured.append(work())
+        return 0.01
+
+    monkeypatch.setattr(deployment, "best_seconds", one_hundredth_of_a_second)
+    assert deployment.memory_bandwidth() == 2**28 / 0.01  # 256 MB read in 0.01 s
+    assert measured == [64 * 2**20]  # the sum of 64 Mi ones: every float read once
