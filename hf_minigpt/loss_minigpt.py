@@ -55,7 +55,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, num_items, chunk_rows: int, with_grads: bool, dtype, matmuls):
+    def forward(ctx, hidden, weight, targets, num_items, chunks: int, with_grads: bool, dtype, matmuls):
         # Under autocast the matmuls run in its dtype: cast once here, not once per chunk and matmul.
         matmul_hidden, matmul_weight = hidden.to(dtype), weight.to(dtype)
         kept = targets != IGNORE_INDEX
@@ -65,14 +65,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         row_weight = (kept / num_items)[:, None]
         # Every chunk writes its logits and log-probabilities into the same two buffers: a new (chunk, vocab)
         # tensor per chunk costs as much in fresh pages as a pass over it.
-        chunk_shape = (min(chunk_rows, hidden.shape[0]), weight.shape[0])
+        chunk_shape = (-(-len(hidden) // chunks), weight.shape[0])  # the most rows a chunk has
         logits_buffer = torch.empty(chunk_shape, dtype=dtype, device=hidden.device)
         log_probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         if with_grads:
             grad_hidden, grad_weight = torch.empty_like(matmul_hidden), None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            chunk = slice(start, start + chunk_rows)
+        for index in range(chunks):  # chunks of equal rows, give or take one
+            chunk = slice(index * len(hidden) // chunks, (index + 1) * len(hidden) // chunks)
             rows = matmul_hidden[chunk]
             logits = matmuls.logits(rows, matmul_weight, logits_buffer[: len(rows)])
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[: len(rows)])
@@ -115,14 +115,16 @@ def chunked_lm_loss(hidden_states, head, labels, num_items_in_batch=None, shift_
     if num_items_in_batch is None:
         num_items_in_batch = (targets != IGNORE_INDEX).sum()
     num_items = torch.as_tensor(num_items_in_batch, device=hidden_states.device, dtype=torch.float32)
-    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    # The fewest chunks of at most LOSS_CHUNK_ELEMENTS logits, with the rows shared out evenly (2048 rows of a
+    # 50,304-word vocabulary: 4 chunks of 512, not 3 of 667 and one of 47, whose products would run slowly).
+    chunks = max(1, -(-len(hidden) // max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    rows = min(chunk_rows, len(hidden))  # the most that one product multiplies
+    rows = -(-len(hidden) // chunks)  # the most that one product multiplies
     matmuls = head.loss_matmuls(rows, dtype) if hasattr(head, "loss_matmuls") else HeadMatmuls
-    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunk_rows, with_grads, dtype, matmuls)
+    return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunks, with_grads, dtype, matmuls)
 
 
 def plain_linear_weight(head: nn.Module, name: str) -> torch.Tensor:

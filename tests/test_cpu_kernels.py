@@ -90,7 +90,7 @@ def test_training_takes_onednns_products_forward_and_backward_and_learns_the_sam
     """Each step: 12 products forward (2 x 6 projections) and for each a gradient of its input and of its weight,
     then the chunked loss's 3 products with the head's weight for each of its 3 chunks. The evaluation after the
     steps takes the forward products and the chunks' logits."""
-    monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 300 * 12)  # chunks of 12 of the 32 rows
+    monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 300 * 12)  # 3 chunks of the 32 rows
     torch.manual_seed(0)
     plain = MiniGPTForCausalLM(tiny_config(n_embd=64, vocab_size=300))
     fast = use_cpu_kernels(copy.deepcopy(plain), AMD_AVX512)
@@ -115,7 +115,7 @@ def test_training_takes_onednns_products_forward_and_backward_and_learns_the_sam
 def test_the_chunked_loss_multiplies_by_the_head_through_onednn_in_fp32(monkeypatch, autocast):
     """`skip_logits=True` with the head's products through oneDNN: the loss and both gradients of a plain
     cross-entropy, over several chunks, with ignored labels; under bf16 autocast, PyTorch's products, exactly."""
-    monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 1000 * 12)  # chunks of 12, 12 and 8 rows
+    monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 1000 * 12)  # chunks of 10, 11 and 11 rows
     torch.manual_seed(0)
     head = nn.Linear(64, 1000, bias=False)  # its gradient is transposed in blocks of 512 words
     hidden = torch.randn(2, 16, 64, requires_grad=True)

@@ -357,6 +357,29 @@ class TestSkipLogits:
         torch.testing.assert_close(loss, reference.float(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(embedding_grad, model.transformer.wte.weight.grad, atol=2e-3, rtol=5e-2)
 
+    @pytest.mark.parametrize("rows, most_rows, chunk_rows", [(2048, 667, [512] * 4), (27, 5, [4, 5, 4, 5, 4, 5]),
+                                                             (4, 5, [4])])
+    def test_the_rows_are_shared_out_evenly_among_the_fewest_chunks(self, monkeypatch, rows, most_rows, chunk_rows):
+        """Chunks of at most `most_rows`: 2048 rows go as 4 x 512, not 3 x 667 and a last chunk of 47 rows, whose
+        products would run slowly."""
+        import hf_minigpt.loss_minigpt as loss_module
+
+        head = torch.nn.Linear(4, 21, bias=False)
+        monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS", most_rows * 21 + 20)  # not quite one more row
+        multiplied = []
+
+        def logits(rows, weight, out):
+            multiplied.append(len(rows))
+            return torch.mm(rows, weight.T, out=out)
+
+        monkeypatch.setattr(loss_module.HeadMatmuls, "logits", staticmethod(logits))
+        labels = torch.randint(0, 21, (1, rows), generator=torch.Generator().manual_seed(0))
+        hidden = torch.randn(1, rows, 4, generator=torch.Generator().manual_seed(1))
+        loss = loss_module.chunked_lm_loss(hidden, head, labels)
+        assert multiplied == chunk_rows
+        expected = torch.nn.functional.cross_entropy(head(hidden)[0, :-1], labels[0, 1:])
+        torch.testing.assert_close(loss, expected)
+
     def test_without_it_a_training_forward_with_labels_returns_logits(self, model):
         """transformers' contract (its GPT-2 tests read `logits` from a train-mode forward with labels)."""
         input_ids = torch.tensor([[3, 4, 5, 6]])
