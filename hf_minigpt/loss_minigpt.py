@@ -4,6 +4,8 @@ fp32 copies, so `MiniGPTForCausalLM(..., skip_logits=True)` computes the loss a 
 Travels with `modeling_minigpt.py` in every saved folder (`save_pretrained` copies a model file's relative imports).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,7 +67,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         row_weight = (kept / num_items)[:, None]
         # Every chunk writes its logits and log-probabilities into the same two buffers: a new (chunk, vocab)
         # tensor per chunk costs as much in fresh pages as a pass over it.
-        chunk_shape = (-(-len(hidden) // chunks), weight.shape[0])  # the most rows a chunk has
+        chunk_shape = (math.ceil(len(hidden) / chunks), weight.shape[0])  # the most rows a chunk has
         logits_buffer = torch.empty(chunk_shape, dtype=dtype, device=hidden.device)
         log_probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
@@ -117,12 +119,12 @@ def chunked_lm_loss(hidden_states, head, labels, num_items_in_batch=None, shift_
     num_items = torch.as_tensor(num_items_in_batch, device=hidden_states.device, dtype=torch.float32)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     # The fewest chunks of at most LOSS_CHUNK_ELEMENTS logits, with the rows shared out evenly (2048 rows of a
-    # 50,304-word vocabulary: 4 chunks of 512, not 3 of 667 and one of 47, whose products would run slowly).
-    chunks = max(1, -(-len(hidden) // max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])))
+    # 50,304-word vocabulary: 4 chunks of 512, not 3 of 667 and a last one of 47 multiplied apart).
+    chunks = max(1, math.ceil(len(hidden) / max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])))
     with_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    rows = -(-len(hidden) // chunks)  # the most that one product multiplies
+    rows = math.ceil(len(hidden) / chunks)  # the most that one product multiplies
     matmuls = head.loss_matmuls(rows, dtype) if hasattr(head, "loss_matmuls") else HeadMatmuls
     return LinearCrossEntropy.apply(hidden, weight, targets, num_items, chunks, with_grads, dtype, matmuls)
 

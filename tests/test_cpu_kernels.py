@@ -150,6 +150,16 @@ def test_the_loss_takes_onednns_products_only_in_fp32_within_the_rule_and_uncomp
 
 
 @torch.no_grad()
+def test_the_loss_asks_the_rule_for_its_largest_chunk(monkeypatch):
+    """2048 rows at most 667 a chunk go as 4 x 512: a rule taking up to 512 rows through oneDNN takes every chunk."""
+    monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 667 * 21 + 20)
+    head = CPULinear(nn.Linear(4, 21, bias=False), Products(onednn=(1, 512)))
+    counter = counted(monkeypatch, None, "oneDNN")
+    loss_minigpt.chunked_lm_loss(torch.randn(1, 2048, 4), head, torch.randint(0, 21, (1, 2048)))
+    assert len(counter) == 4
+
+
+@torch.no_grad()
 def test_past_the_shapes_torch_compile_keeps_a_streamed_product_is_nn_linears():
     torch._dynamo.reset()
     x = torch.randn(1, 200)

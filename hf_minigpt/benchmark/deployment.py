@@ -146,7 +146,7 @@ def measure_deployments(report, shape_name: str, shape, repeats: int, new_tokens
             print("    " + " | ".join(f"{engine} {speed['tokens_per_second']:,.0f}"
                                       for engine, speed in results[batch].items()), flush=True)
     bandwidth = memory_bandwidth()
-    report.record(f"memory bandwidth {shape_name}", {"bytes_per_second": bandwidth})
+    report.record(f"read bandwidth {shape_name}", {"bytes_per_second": bandwidth})
     rows = []
     for engine in results[1]:
         speeds = [results[batch].get(engine, {}).get("tokens_per_second") for batch in (1, 8)]
