@@ -65,11 +65,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         # d loss / d logits = (softmax - one_hot(target)) * row_weight; ignored rows weigh 0. The weight multiplies
         # the (chunk, n_embd) operands and results, never the (chunk, vocab) gradient.
         row_weight = (kept / num_items)[:, None]
-        # Every chunk writes its logits and log-probabilities into the same two buffers: a new (chunk, vocab)
-        # tensor per chunk costs as much in fresh pages as a pass over it.
+        # Every chunk writes its logits and probabilities into the same two buffers: a new (chunk, vocab) tensor per
+        # chunk costs as much in fresh pages as a pass over it.
         chunk_shape = (math.ceil(len(hidden) / chunks), weight.shape[0])  # the most rows a chunk has
         logits_buffer = torch.empty(chunk_shape, dtype=dtype, device=hidden.device)
-        log_probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
+        probs_buffer = torch.empty(chunk_shape, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         if with_grads:
             grad_hidden, grad_weight = torch.empty_like(matmul_hidden), None
@@ -77,12 +77,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             chunk = slice(index * len(hidden) // chunks, (index + 1) * len(hidden) // chunks)
             rows = matmul_hidden[chunk]
             logits = matmuls.logits(rows, matmul_weight, logits_buffer[: len(rows)])
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32, out=log_probs_buffer[: len(rows)])
-            target_log_probs = log_probs.gather(1, picked[chunk, None]).squeeze(1)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32, out=probs_buffer[: len(rows)])
+            # log p = logit - max - log(sum): the largest logit's probability is 1 / sum, which cannot underflow (it
+            # is at least 1 / vocab). One pass of exponentials serves the loss and its gradient.
+            log_sum = logits.amax(dim=-1).float() - probs.amax(dim=-1).log()
+            target_log_probs = logits.gather(1, picked[chunk, None]).squeeze(1).float() - log_sum
             loss -= (target_log_probs * kept[chunk]).sum()
             if not with_grads:
                 continue
-            grad_logits = log_probs.exp_()
+            grad_logits = probs
             grad_logits[torch.arange(len(rows), device=rows.device), picked[chunk]] -= 1
             grad_logits = grad_logits.to(dtype)
             grad_rows = matmuls.grad_rows(grad_logits, matmul_weight, grad_hidden[chunk])

@@ -380,6 +380,22 @@ class TestSkipLogits:
         expected = torch.nn.functional.cross_entropy(head(hidden)[0, :-1], labels[0, 1:])
         torch.testing.assert_close(loss, expected)
 
+    def test_a_target_far_below_the_best_logit_keeps_its_exact_loss(self):
+        """A probability of e^-150 is 0 in fp32; the loss (and its gradient) must still be cross-entropy's."""
+        import hf_minigpt.loss_minigpt as loss_module
+
+        head = torch.nn.Linear(1, 3, bias=False)
+        with torch.no_grad():
+            head.weight.copy_(torch.tensor([[150.0], [0.0], [-20.0]]))
+        hidden = torch.ones(1, 2, 1, requires_grad=True)
+        labels = torch.tensor([[0, 1]])  # the second position is ignored; the first's target is word 1
+        loss = loss_module.chunked_lm_loss(hidden, head, labels)
+        expected = torch.nn.functional.cross_entropy(head(hidden)[0, :1], labels[0, 1:])
+        assert expected.item() == pytest.approx(150.0)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(torch.autograd.grad(loss, hidden)[0],
+                                   torch.autograd.grad(expected, hidden)[0])
+
     def test_without_it_a_training_forward_with_labels_returns_logits(self, model):
         """transformers' contract (its GPT-2 tests read `logits` from a train-mode forward with labels)."""
         input_ids = torch.tensor([[3, 4, 5, 6]])
