@@ -117,7 +117,7 @@ def test_the_chunked_loss_multiplies_by_the_head_through_onednn_in_fp32(monkeypa
     cross-entropy, over several chunks, with ignored labels; under bf16 autocast, PyTorch's products, exactly."""
     monkeypatch.setattr(loss_minigpt, "LOSS_CHUNK_ELEMENTS", 1000 * 12)  # chunks of 10, 11 and 11 rows
     torch.manual_seed(0)
-    head = nn.Linear(64, 1000, bias=False)  # its gradient is transposed in blocks of 512 words
+    head = nn.Linear(64, 1000, bias=False)
     hidden = torch.randn(2, 16, 64, requires_grad=True)
     labels = torch.randint(0, 1000, (2, 16))
     labels[0, :5] = -100
