@@ -360,8 +360,7 @@ class TestSkipLogits:
     @pytest.mark.parametrize("rows, most_rows, chunk_rows", [(2048, 667, [512] * 4), (27, 5, [4, 5, 4, 5, 4, 5]),
                                                              (4, 5, [4])])
     def test_the_rows_are_shared_out_evenly_among_the_fewest_chunks(self, monkeypatch, rows, most_rows, chunk_rows):
-        """Chunks of at most `most_rows`: 2048 rows go as 4 x 512, not 3 x 667 and a last chunk of 47 rows, whose
-        products would run slowly."""
+        """Chunks of at most `most_rows`: 2048 rows go as 4 x 512, not 3 x 667 and a last chunk of 47 rows."""
         import hf_minigpt.loss_minigpt as loss_module
 
         head = torch.nn.Linear(4, 21, bias=False)
